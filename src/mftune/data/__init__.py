@@ -1,0 +1,1 @@
+"""Data pipeline: formats -> templates -> tokenize (+cache) -> mixture -> packing -> collate."""
