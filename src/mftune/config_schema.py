@@ -1,0 +1,349 @@
+"""The config schema: every section of a run's configuration, with each field documented.
+
+All sections forbid unknown keys and spell choices as closed `Literal`s. Loading, overrides and
+error reporting live in `mftune.config`, which re-exports these classes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mftune._config_errors import field_error
+
+# MFTCoder's loss mode names, accepted for `train.loss`. The only place they are mapped.
+LOSS_ALIASES: dict[str, str] = {"case1": "token", "case2": "sample", "case3": "task", "case4": "task_sample"}
+
+_TASK_NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """The base model."""
+
+    name_or_path: str = Field(
+        min_length=1,
+        description="Hub name or local folder of the causal LM (local folders are relative to the config file).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer name or folder; null: the model's own.")
+    trust_remote_code: bool = Field(
+        False, description="Run model/tokenizer code shipped with the checkpoint."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weight dtype. auto: bfloat16 on GPUs that have it, float16 (with loss scaling) on older GPUs, float32 on CPU.",
+    )
+    attention: Literal[
+        "auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = Field(
+        "auto", description="Attention implementation. auto: varlen for isolated packing on CUDA, else sdpa."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Recompute activations in backward. auto: on for models over 1B parameters."
+    )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on`/`off` as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class LoraConfig(_Section):
+    """LoRA adapter settings (also used by QLoRA and DoRA)."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt, or all-linear: every linear layer except the output head.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. embed_tokens).",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _check_targets(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all-linear":
+            raise ValueError("must be 'all-linear' or a list of module names")
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list (use 'all-linear' for every linear layer)")
+        return value
+
+
+class QloraConfig(_Section):
+    """Quantisation of the frozen base model for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(4, description="Bits per base weight.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (4-bit only).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+
+
+class FinetuneConfig(_Section):
+    """Which parameters are trained."""
+
+    method: Literal["full", "lora", "qlora", "dora"] = Field(
+        "lora", description="full: every weight; lora/dora: adapters; qlora: adapters on a quantised base."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings.")
+    qlora: QloraConfig = Field(default_factory=QloraConfig, description="Quantisation settings for qlora.")
+
+
+class TaskConfig(_Section):
+    """One task: its data and how it is weighted."""
+
+    path: str = Field(
+        min_length=1,
+        description="Folder (searched recursively) or file of records, relative to the config file.",
+    )
+    format: Literal["auto", "chat_rounds", "messages", "sharegpt", "alpaca", "text"] = Field(
+        "auto", description="Record format; auto: detected per file."
+    )
+    sampling_weight: float | None = Field(
+        None, ge=0, description="Explicit sampling weight; null: from data.sampling."
+    )
+    loss_weight: float = Field(1.0, gt=0, description="Task weight w_k in the task and task_sample losses.")
+    valid_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Fraction held out for validation; null: data.valid_ratio."
+    )
+    valid_path: str | None = Field(
+        None, description="Separate validation data (folder or file); replaces the split when set."
+    )
+
+
+class RoleMarkers(_Section):
+    """Text inserted before each turn by the role_markers template."""
+
+    system: str = Field("<s>system\n", description="Marker before a system turn.")
+    user: str = Field("<s>human\n", description="Marker before a user turn.")
+    assistant: str = Field("<s>bot\n", description="Marker before an assistant turn.")
+
+
+class TemplateConfig(_Section):
+    """How a conversation becomes text with trained spans."""
+
+    kind: Literal["role_markers", "jinja", "tokenizer"] = Field(
+        "role_markers",
+        description="role_markers: marker + content per turn; jinja: a template file; tokenizer: the model's chat_template.",
+    )
+    role_markers: RoleMarkers = Field(
+        default_factory=RoleMarkers, description="Markers for kind role_markers."
+    )
+    jinja_file: str | None = Field(
+        None, description="Jinja template (relative to the config file); required for kind jinja."
+    )
+    stop_token: str | None = Field(
+        None, description="Text closing each assistant turn, always trained; null: the tokenizer's EOS."
+    )
+
+    @model_validator(mode="after")
+    def _jinja_needs_file(self) -> TemplateConfig:
+        if self.kind == "jinja" and not self.jinja_file:
+            raise field_error("jinja_file", "required when kind is 'jinja'")
+        return self
+
+
+class DataConfig(_Section):
+    """Tasks, rendering, lengths, splits, mixture and packing."""
+
+    tasks: dict[str, TaskConfig] = Field(
+        min_length=1,
+        description="Tasks keyed by name; a list of folders (or of {path, name}) is accepted, named after each folder.",
+    )
+    template: TemplateConfig = Field(default_factory=TemplateConfig, description="Chat template settings.")
+    max_seq_len: int = Field(2048, ge=8, description="Longest sample (and packed row), in tokens.")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="What happens to samples longer than max_seq_len (counted per task)."
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="Bad records: fail lists them all before training; skip drops and counts them."
+    )
+    packing: Literal["none", "isolated", "contiguous"] = Field(
+        "isolated",
+        description="none: one padded sample per row; isolated: bin-packed rows, no attention across samples; contiguous: concatenated samples attending to each other.",
+    )
+    packing_window: int = Field(10000, ge=1, description="Samples per best-fit-decreasing packing window.")
+    valid_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Default fraction of each task held out for validation."
+    )
+    max_valid_samples: int | None = Field(
+        500, ge=1, description="Cap on validation samples per task; null: no cap."
+    )
+    sampling: Literal["proportional", "uniform", "temperature"] = Field(
+        "proportional", description="Task sampling: by size, equal, or p_k ∝ n_k^(1/temperature)."
+    )
+    temperature: float = Field(2.0, gt=0, description="Temperature of the temperature sampling.")
+    seed: int = Field(42, description="Seed of splits and shuffles (per task, derived from the task name).")
+    cache_dir: str = Field(".mftune_cache", description="Tokenized data cache, relative to the config file.")
+    num_proc: int = Field(2, ge=1, description="Processes used to tokenize.")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _accept_task_list(cls, value: Any) -> Any:
+        return tasks_as_dict(value)
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_task_names(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        for name in tasks:
+            if not name or not set(name) <= _TASK_NAME_CHARS:
+                raise field_error(name, "task names may only use letters, digits, '_', '.' and '-'")
+        return tasks
+
+
+class EarlyStopping(_Section):
+    """Stop when a validation metric stops improving."""
+
+    metric: str = Field("valid/loss", description="Metric watched (a key of metrics.jsonl).")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    patience: int | None = Field(
+        None, ge=1, description="Evaluations without improvement before stopping; null: never stop early."
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation, schedule, evaluation, checkpoints and logging."""
+
+    output_dir: str = Field(
+        "runs/mftune", description="Where the run writes everything, relative to the config file."
+    )
+    seed: int = Field(42, description="Seed of model initialisation (adapters) and dropout.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training mixture.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(
+        1, ge=1, description="Rows (packed) or samples (packing none) per forward pass on one device."
+    )
+    global_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Rows or samples per optimizer step over all devices; accumulation = global / (micro × world size).",
+    )
+    loss: Literal["token", "sample", "task", "task_sample", "coba"] = Field(
+        "task",
+        description="How a step's loss weighs tokens: token (each token equally), sample (each sample), task (each task present, by loss_weight), task_sample, or coba (task weights from convergence balancing). MFTCoder's case1-case4 are aliases of the first four.",
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(0.0, ge=0, description="Learning rate the schedule decays to.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup as a fraction of all steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup, from learning_rate to min_lr."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    eval_every: int = Field(
+        100, ge=1, description="Evaluate on every task's validation split every this many optimizer steps."
+    )
+    log_every: int = Field(10, ge=1, description="Log metrics every this many optimizer steps.")
+    save_every: int = Field(
+        500, ge=1, description="Checkpoint every this many optimizer steps (and at the end)."
+    )
+    keep_last: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    keep_best: int = Field(
+        1, ge=0, description="Best checkpoints (by early_stopping.metric) kept besides those."
+    )
+    early_stopping: EarlyStopping = Field(
+        default_factory=EarlyStopping, description="Early stopping settings."
+    )
+    resume: Literal["auto", "never"] | str = Field(
+        "auto",
+        description="auto: continue from the newest complete checkpoint in output_dir; never: start fresh; a path: that checkpoint.",
+    )
+    tensorboard: bool = Field(True, description="Write TensorBoard logs (when tensorboard is installed).")
+    plots: bool = Field(True, description="Render per-task loss and weight curves to PNG at the end.")
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_alias(cls, value: Any) -> Any:
+        return LOSS_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _check_resume(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be 'auto', 'never' or a checkpoint path")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise field_error(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of train.micro_batch_size ({self.micro_batch_size})",
+            )
+        if self.min_lr > self.learning_rate:
+            raise field_error("min_lr", f"{self.min_lr} is above train.learning_rate ({self.learning_rate})")
+        if self.warmup_steps and self.warmup_ratio:
+            raise field_error("warmup_ratio", "set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class CobaConfig(_Section):
+    """Convergence balancing: task weights from validation-loss slopes (train.loss coba)."""
+
+    warmup: int = Field(100, ge=0, description="Optimizer steps with uniform task weights before balancing.")
+    history: int = Field(200, ge=2, description="Probe evaluations in the sliding window of the slope fits.")
+    tau: float = Field(5.0, gt=0, description="Temperature of the divergence factor.")
+    update_interval: int = Field(10, ge=1, description="Optimizer steps between probe evaluations.")
+    probe_batches: int = Field(1, ge=1, description="Batches per task in each probe evaluation.")
+    floor: float | None = Field(
+        None, ge=0, lt=1, description="Smallest task weight; null: 1/(10K) for K tasks."
+    )
+
+
+class Config(_Section):
+    """A whole run."""
+
+    model: ModelConfig = Field(description="The base model.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="What is trained.")
+    data: DataConfig = Field(description="Tasks and the data pipeline.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    coba: CobaConfig = Field(default_factory=CobaConfig, description="Convergence balancing.")
+
+
+def tasks_as_dict(value: Any) -> Any:
+    """Turn a task list (folders, or mappings with `path` and optional `name`) into tasks keyed by name.
+
+    A task from a list is named after its folder (or file, without a data suffix). Anything that is
+    not a list is returned unchanged for the schema to judge.
+
+    Raises:
+        ValueError: an entry has no path, or two tasks get the same name.
+    """
+    if not isinstance(value, list):
+        return value
+    tasks: dict[str, Any] = {}
+    for entry in value:
+        if isinstance(entry, str):
+            name, task = _task_name(entry), {"path": entry}
+        elif isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            task = dict(entry)
+            name = str(task.pop("name", None) or _task_name(task["path"]))
+        else:
+            raise ValueError(f"a task list holds folder paths or mappings with a 'path', got {entry!r}")
+        if name in tasks:
+            raise ValueError(f"two tasks are named {name!r}: {tasks[name]['path']} and {task['path']}")
+        tasks[name] = task
+    return tasks
+
+
+def _task_name(path: str) -> str:
+    name = os.path.basename(path.rstrip("/\\"))
+    for suffix in _DATA_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name

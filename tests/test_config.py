@@ -1,0 +1,433 @@
+"""The typed config: strict validation with useful messages, overrides, paths, MFTCoder configs, docs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from mftune.config import (
+    LOSS_ALIASES,
+    Config,
+    ConfigError,
+    config_reference_markdown,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from mftune.config_mftcoder import from_mftcoder, mftcoder_reference_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _minimal() -> dict[str, Any]:
+    return {"model": {"name_or_path": "org/tiny-model"}, "data": {"tasks": {"a": {"path": "data/a"}}}}
+
+
+def _write(folder: Path, raw: dict[str, Any] | str, name: str = "config.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if isinstance(raw, str):
+        path.write_text(raw)
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(raw))
+    else:
+        path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _error(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --- strictness and messages -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "typo", "message"),
+    [
+        ("data", "max_seq_length", "unknown key 'data.max_seq_length' — did you mean 'data.max_seq_len'?"),
+        ("train", "lerning_rate", "unknown key 'train.lerning_rate' — did you mean 'train.learning_rate'?"),
+    ],
+)
+def test_typo_names_dotted_path_and_suggests(tmp_path: Path, section: str, typo: str, message: str) -> None:
+    raw = _minimal()
+    raw.setdefault(section, {})[typo] = 1
+    path = _write(tmp_path, raw)
+    error = _error(path)
+    assert message in error
+    assert str(path) in error
+
+
+def test_typo_inside_a_task(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["tasks"]["a"] = {"pathh": "data/a"}
+    error = _error(_write(tmp_path, raw))
+    assert "unknown key 'data.tasks.a.pathh' — did you mean 'data.tasks.a.path'?" in error
+    assert "data.tasks.a.path: required" in error
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    raw = _minimal() | {"trian": {"epochs": 2}}
+    assert "did you mean 'train'?" in _error(_write(tmp_path, raw))
+
+
+def test_bad_literal_lists_allowed_values(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["packing"] = "sometimes"
+    error = _error(_write(tmp_path, raw))
+    line = next(line for line in error.splitlines() if "data.packing" in line)
+    assert "'sometimes'" in line
+    for allowed in ("'none'", "'isolated'", "'contiguous'"):
+        assert allowed in line
+
+
+def test_every_error_reported_one_per_line(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["max_seq_len"] = 2
+    raw["train"] = {"epochs": -1, "lr_schedule": "step"}
+    lines = _error(_write(tmp_path, raw)).splitlines()
+    for path in ("data.max_seq_len", "train.epochs", "train.lr_schedule"):
+        assert sum(path in line for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("train", "path"),
+    [
+        ({"micro_batch_size": 3, "global_batch_size": 8}, "train.global_batch_size"),
+        ({"learning_rate": 1e-4, "min_lr": 1e-3}, "train.min_lr"),
+        ({"warmup_steps": 10, "warmup_ratio": 0.1}, "train.warmup_ratio"),
+    ],
+)
+def test_cross_field_checks_name_the_field(tmp_path: Path, train: dict[str, Any], path: str) -> None:
+    raw = _minimal() | {"train": train}
+    assert f"{path}:" in _error(_write(tmp_path, raw))
+
+
+def test_jinja_template_needs_a_file(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["template"] = {"kind": "jinja"}
+    assert "data.template.jinja_file: required" in _error(_write(tmp_path, raw))
+
+
+def test_empty_tasks_rejected(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["tasks"] = {}
+    assert "data.tasks" in _error(_write(tmp_path, raw))
+
+
+@pytest.mark.parametrize(("alias", "loss"), sorted(LOSS_ALIASES.items()))
+def test_mftcoder_loss_aliases(tmp_path: Path, alias: str, loss: str) -> None:
+    raw = _minimal() | {"train": {"loss": alias}}
+    assert load_config(_write(tmp_path, raw)).train.loss == loss
+
+
+def test_loss_alias_table_is_mftcoders() -> None:
+    assert LOSS_ALIASES == {"case1": "token", "case2": "sample", "case3": "task", "case4": "task_sample"}
+
+
+def test_yaml_on_off_read_as_booleans_still_work(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model: {name_or_path: m, gradient_checkpointing: off}\ndata: {tasks: [x]}\n")
+    assert load_config(path).model.gradient_checkpointing == "off"
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(tmp_path, _minimal()),
+        [
+            "data.max_seq_len=512",
+            "model.trust_remote_code=true",
+            "finetune.lora.target_modules=[q_proj, v_proj]",
+            "train.learning_rate=1e-4",
+            "train.max_steps=null",
+            'data.template.role_markers.user="### Instruction:\\n"',
+            "data.template.role_markers.assistant=### Response:",
+        ],
+    )
+    assert cfg.data.max_seq_len == 512
+    assert cfg.model.trust_remote_code is True
+    assert cfg.finetune.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
+    assert cfg.train.max_steps is None
+    assert cfg.data.template.role_markers.user == "### Instruction:\n"
+    assert cfg.data.template.role_markers.assistant == "### Response:"  # not a YAML comment
+
+
+def test_overrides_are_validated(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal())
+    assert "did you mean 'data.max_seq_len'?" in _error(path, ("data.max_seq_length=512",))
+    assert "data.max_seq_len" in _error(path, ("data.max_seq_len=big",))
+    assert "key.path=value" in _error(path, ("data.max_seq_len",))
+    assert "data.max_seq_len is not a section" in _error(path, ("data.max_seq_len=8", "data.max_seq_len.x=1"))
+
+
+def test_override_adds_a_task_relative_to_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path / "configs", _minimal())
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path, ["data.tasks.extra.path=more/extra", "data.tasks.extra.loss_weight=2"])
+    assert set(cfg.data.tasks) == {"a", "extra"}
+    assert cfg.data.tasks["extra"].path == str(tmp_path / "more" / "extra")
+    assert cfg.data.tasks["extra"].loss_weight == 2.0
+    assert cfg.data.tasks["a"].path == str(tmp_path / "configs" / "data" / "a")
+
+
+# --- tasks and paths ---------------------------------------------------------------------------
+
+
+def test_task_list_named_after_folders(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["tasks"] = [
+        "data/completion",
+        {"path": "data/qa/"},
+        {"path": "x/test.jsonl", "name": "unit_tests"},
+    ]
+    cfg = load_config(_write(tmp_path, raw))
+    assert list(cfg.data.tasks) == ["completion", "qa", "unit_tests"]
+    assert cfg.data.tasks["qa"].path == str(tmp_path / "data" / "qa")
+
+
+def test_task_list_with_duplicate_names_names_both_paths(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["tasks"] = ["one/code", "two/code"]
+    error = _error(_write(tmp_path, raw))
+    assert "data.tasks: two tasks are named 'code': one/code and two/code" in error
+
+
+def test_bad_task_name(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["tasks"] = {"my task": {"path": "x"}}
+    assert "data.tasks.my task:" in _error(_write(tmp_path, raw))
+
+
+def test_relative_paths_resolve_against_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models" / "local").mkdir(parents=True)
+    raw = {
+        "model": {"name_or_path": "../models/local", "tokenizer": "org/tokenizer"},
+        "data": {
+            "tasks": {"a": {"path": "../data/a", "valid_path": "valid/a.jsonl"}},
+            "template": {"kind": "jinja", "jinja_file": "chat.jinja"},
+        },
+        "train": {"output_dir": "../runs/x", "resume": "ckpt/step-10"},
+    }
+    path = _write(tmp_path / "configs", raw)
+    monkeypatch.chdir(tmp_path / "models")  # the working folder must not matter
+    cfg = load_config(path)
+    configs = tmp_path / "configs"
+    assert cfg.model.name_or_path == str(tmp_path / "models" / "local")
+    assert cfg.model.tokenizer == "org/tokenizer"  # a hub name stays a name
+    assert cfg.data.tasks["a"].path == str(tmp_path / "data" / "a")
+    assert cfg.data.tasks["a"].valid_path == str(configs / "valid" / "a.jsonl")
+    assert cfg.data.template.jinja_file == str(configs / "chat.jinja")
+    assert cfg.train.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.train.resume == str(configs / "ckpt" / "step-10")
+    assert cfg.data.cache_dir == str(configs / ".mftune_cache")  # defaults too
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    assert "config.yaml" in _error(tmp_path / "config.yaml")
+    assert ".toml" in _error(_write(tmp_path, "x = 1", name="config.toml"))
+    assert "config.json:1:" in _error(_write(tmp_path, "{oops", name="config.json"))
+    assert "mapping" in _error(_write(tmp_path, "- a\n- b\n"))
+
+
+# --- MFTCoder configs --------------------------------------------------------------------------
+
+
+def _mftcoder(**extra: Any) -> dict[str, Any]:
+    return {
+        "data_paths": "[data/code_completion, 'data/code_exercise']",
+        "pretrained_model_path": "org/base",
+        "output_dir": "out",
+        "tb_dir": "tb",
+        "model_type": "llama",
+        "weighted_loss_mode": "case3",
+        **extra,
+    }
+
+
+def test_mftcoder_bracketed_string_and_list_agree() -> None:
+    from_string, _ = from_mftcoder(_mftcoder())
+    from_list, _ = from_mftcoder(_mftcoder(data_paths=["data/code_completion", "data/code_exercise"]))
+    assert from_string == from_list
+    assert from_list["data"]["tasks"] == [{"path": "data/code_completion"}, {"path": "data/code_exercise"}]
+
+
+@pytest.mark.parametrize(
+    "data_paths", ["data/a,data/b", "[data/a,data/b", "data/a]", "[data/a,,data/b]", "[]"]
+)
+def test_mftcoder_malformed_data_paths_is_an_error(data_paths: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mftcoder(_mftcoder(data_paths=data_paths))
+    assert "data_paths" in str(info.value)
+    assert repr(data_paths) in str(info.value)
+
+
+def test_mftcoder_missing_brackets_error_shows_expected_form(tmp_path: Path) -> None:
+    error = _error(_write(tmp_path, _mftcoder(data_paths="data/a,data/b"), name="train.json"))
+    assert 'bracketed string like "[' in error
+    assert "train.json" in error
+
+
+def test_mftcoder_mapping(tmp_path: Path) -> None:
+    raw = _mftcoder(
+        data_weights="[1., 3]",
+        task_weights=[2, 1],
+        data_split="98,2,0",
+        padding_mode="pack",
+        peft_type="qlora",
+        quantization="4bit",
+        lora_rank=8,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        num_warmup_steps=0.1,
+        early_stopping=True,
+        early_stopping_stall_num=3,
+        seq_length=1024,
+        coba_tau=3,
+        role_markers={"system": "S:", "user": "U:", "assistant": "A:"},
+    )
+    cfg = load_config(_write(tmp_path, raw, name="train.json"))
+    tasks = cfg.data.tasks
+    assert list(tasks) == ["code_completion", "code_exercise"]
+    assert [t.sampling_weight for t in tasks.values()] == [1.0, 3.0]
+    assert [t.loss_weight for t in tasks.values()] == [2.0, 1.0]
+    assert tasks["code_exercise"].path == str(tmp_path / "data" / "code_exercise")
+    assert cfg.data.valid_ratio == pytest.approx(0.02)
+    assert cfg.data.packing == "contiguous"
+    assert cfg.data.max_seq_len == 1024
+    assert cfg.data.template.role_markers.user == "U:"
+    assert (cfg.finetune.method, cfg.finetune.qlora.bits, cfg.finetune.lora.r) == ("qlora", 4, 8)
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (2, 8)
+    assert cfg.train.warmup_ratio == pytest.approx(0.1)
+    assert cfg.train.early_stopping.patience == 3
+    assert cfg.train.loss == "task"
+    assert cfg.train.output_dir == str(tmp_path / "out")
+    assert cfg.coba.tau == 3.0
+    assert cfg.model.name_or_path == "org/base"
+
+
+def test_mftcoder_notes_list_ignored_keys_and_assumptions() -> None:
+    raw, notes = from_mftcoder(_mftcoder(data_split="90,5,5", per_device_train_batch_size=4, world_size=8))
+    text = "\n".join(notes)
+    for key in ("tb_dir", "model_type", "world_size"):
+        assert any(note.startswith(f"{key}: ignored (") for note in notes), key
+    assert "test share" in text
+    assert raw["data"]["valid_ratio"] == pytest.approx(0.05)  # of the whole, test share included
+    assert "one process" in text
+    assert raw["finetune"]["method"] == "full"  # no peft_type: full fine-tuning
+
+
+def test_mftcoder_load_logs_the_mapping(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    load_config(_write(tmp_path, _mftcoder(), name="train.json"))
+    assert "MFTCoder config" in caplog.text
+    assert "tb_dir: ignored" in caplog.text
+    assert "data_paths → data.tasks" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"data_weights": "[1,2,3]"}, "data_weights: 3 entries for 2 data_paths"),
+        ({"padding_mode": "concat"}, "padding_mode: 'concat' is not one of 'padding', 'pack'"),
+        ({"weighted_loss_mode_": "case1"}, "did you mean 'weighted_loss_mode'?"),
+        ({"data_split": "98;2"}, "data_split"),
+        ({"peft_type": "prefix"}, "peft_type"),
+    ],
+)
+def test_mftcoder_errors(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mftcoder(_mftcoder(**extra))
+    assert message in str(info.value)
+
+
+def test_mftcoder_mftune_sections_may_be_mixed_in() -> None:
+    raw, _ = from_mftcoder(_mftcoder(seq_length=512, data={"max_seq_len": 256, "packing": "none"}))
+    assert raw["data"]["max_seq_len"] == 256
+    assert raw["data"]["packing"] == "none"
+    assert len(raw["data"]["tasks"]) == 2
+
+
+def test_shipped_mftcoder_example_loads() -> None:
+    cfg = load_config(REPO / "configs" / "mftcoder_compat.json")
+    assert list(cfg.data.tasks) == ["arithmetic", "list_ops", "write_function", "write_test"]
+    for task in cfg.data.tasks.values():
+        assert Path(task.path).parent == REPO / "examples" / "data"
+    assert cfg.model.name_or_path == str(REPO / "runs" / "tiny-llama")
+
+
+# --- dumping -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "train.json"])
+def test_dump_then_load_is_identity(tmp_path: Path, name: str) -> None:
+    raw = _mftcoder(data_weights="[1,2]") if name.endswith(".json") else _minimal()
+    cfg = load_config(_write(tmp_path / "src", raw, name=name), ["train.loss=coba", "coba.floor=0.01"])
+    dumped = tmp_path / "run" / "resolved_config.yaml"
+    dump_config(cfg, dumped)
+    again = load_config(dumped)
+    assert again == cfg
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+# --- documentation -----------------------------------------------------------------------------
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        annotation = field.annotation
+        if get_origin(annotation) is dict:
+            paths += _field_paths(get_args(annotation)[1], f"{path}.<name>.")
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _field_paths(annotation, f"{path}.")
+    return paths
+
+
+def test_docs_cover_every_field() -> None:
+    docs = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    paths = _field_paths(Config)
+    assert len(paths) > 70
+    missing = [path for path in paths if f"`{path}`" not in docs]
+    assert not missing, f"docs/config.md lacks {missing}"
+
+
+def test_docs_reference_is_current() -> None:
+    regenerate = (
+        "regenerate with: python -c 'from mftune.config import config_reference_markdown as f; print(f())'"
+    )
+    assert config_reference_markdown() in (REPO / "docs" / "config.md").read_text(encoding="utf-8"), (
+        regenerate
+    )
+    compat = (REPO / "docs" / "mftcoder-compat.md").read_text(encoding="utf-8")
+    assert mftcoder_reference_markdown() in compat
+
+
+def test_every_field_is_described() -> None:
+    def undescribed(model: type[BaseModel]) -> list[str]:
+        out = [
+            f"{model.__name__}.{n}"
+            for n, f in model.model_fields.items()
+            if not (f.description or "").strip()
+        ]
+        for field in model.model_fields.values():
+            for sub in (field.annotation, *get_args(field.annotation)):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    out += undescribed(sub)
+        return out
+
+    assert undescribed(Config) == []
