@@ -13,6 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    train = commands.add_parser(
+        "train", help="fine-tune a model on the config's tasks (here or under accelerate)"
+    )
+    _config_args(train)
+
     data = commands.add_parser("data", help="check and look at the training data").add_subparsers(
         dest="data_command", required=True
     )
@@ -28,6 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dump", metavar="FILE.jsonl", help="write task, input_ids, labels, text per sample"
     )
     inspect.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+
+    merge = commands.add_parser("merge", help="fold a trained adapter into its base model")
+    merge.add_argument("model", metavar="RUN_OR_ADAPTER", help="adapter folder, or a run folder with final/")
+    merge.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
+    merge.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    merge.add_argument("--base", help="base model to merge into (default: the adapter's own)")
+
+    generate = commands.add_parser("generate", help="answer every record of a jsonl file")
+    generate.add_argument("model", help="model, adapter or run folder")
+    generate.add_argument("--input", required=True, metavar="F.jsonl", help="records with messages or prompt")
+    generate.add_argument("--output", required=True, metavar="G.jsonl", help="records plus 'output'")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+
+    chat = commands.add_parser("chat", help="chat with a trained model in the terminal")
+    chat.add_argument("model", help="model, adapter or run folder")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
     return parser
 
 
@@ -40,13 +64,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mftune.config import ConfigError
 
-    handlers = {("data", "validate"): _data_validate, ("data", "inspect"): _data_inspect}
+    handlers = {
+        ("train", None): _train,
+        ("data", "validate"): _data_validate,
+        ("data", "inspect"): _data_inspect,
+        ("merge", None): _merge,
+        ("generate", None): _generate,
+        ("chat", None): _chat,
+    }
     key = (args.command, getattr(args, "data_command", None))
     try:
         return handlers[key](args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _train(args) -> int:
+    from mftune.config import load_config
+    from mftune.data.pipeline import DataValidationError
+    from mftune.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        final = train(cfg)
+    except DataValidationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {final}")
+    return 0
 
 
 def _load_data(args, *, raise_on_errors: bool):
@@ -101,6 +147,44 @@ def _data_inspect(args) -> int:
     print(f"task {task.name}, sample {args.index} ({task.tokenized.source(args.index)})")
     print(f"{len(ids)} tokens, {int(trained.sum())} trained (marked {'in green' if color else 'with ⟦ ⟧'})\n")
     print(highlight(tokenizer, ids, trained, color=color))
+    return 0
+
+
+def _merge(args) -> int:
+    from mftune.export.merge import merge_adapter
+
+    try:
+        out = merge_adapter(args.model, args.out, base=args.base, dtype=args.dtype)
+    except ValueError as e:  # an adapter that names no base
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _generate(args) -> int:
+    from mftune.infer.generate import generate_file
+
+    try:
+        count = generate_file(
+            args.model,
+            args.input,
+            args.output,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            temperature=args.temperature,
+        )
+    except ValueError as e:  # a bad input record, named by file and line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} outputs to {args.output}")
+    return 0
+
+
+def _chat(args) -> int:
+    from mftune.infer.chat import chat_loop
+
+    chat_loop(args.model, system=args.system, max_new_tokens=args.max_new_tokens)
     return 0
 
 

@@ -80,6 +80,8 @@ def parse_record(record: Any, fmt: str) -> Conversation:
 
 
 def _parse_turn_list(record: Mapping, key: str, role_key: str, content_key: str) -> list[Turn]:
+    if key not in record:
+        raise RecordError(key, "missing")
     items = record[key]
     if not isinstance(items, list) or not items:
         raise RecordError(key, "expected a non-empty list of turns")

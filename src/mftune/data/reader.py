@@ -75,7 +75,8 @@ def decode_item(item: Any) -> Any:
     if not isinstance(item, str):
         return item
     try:
-        return json.loads(item)
+        # Without its line break, a truncated line's error points into the line, not past its end.
+        return json.loads(item.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise RecordError(None, f"invalid JSON: {e.msg} at column {e.colno}") from None
 

@@ -29,7 +29,9 @@ COLUMNS = (
 
 def task_rows(data: MultiTaskData) -> list[dict[str, object]]:
     """One dict per task with the report's columns, plus an `all` row."""
-    per_epoch = data.epoch_counts()
+    # With every record bad there is no mixture to draw from, but the report must still print.
+    trainable = any(len(t.train) for t in data.tasks)
+    per_epoch = data.epoch_counts() if trainable else dict.fromkeys(data.task_names, 0)
     rows = []
     for task in data.tasks:
         tok = task.tokenized
@@ -74,7 +76,7 @@ def _fill(lengths: np.ndarray, data: MultiTaskData) -> str:
 
 
 def _epoch_fill(data: MultiTaskData) -> str:
-    if data.packing == "none":
+    if data.packing == "none" or not any(len(t.train) for t in data.tasks):
         return "-"
     rows = data.epoch_rows(0)
     return f"{fill_ratio([sum(e - s for _, _, s, e in row) for row in rows], data.max_len):.3f}"

@@ -1,0 +1,58 @@
+"""Run the decoder without its output head, so the loss can project hidden states chunk by chunk.
+
+The model's usual forward materialises logits over the whole vocabulary at every position
+(B × T × V floats); the loss instead takes the final hidden states and the output head separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The output projection (`lm_head`) of a causal LM, also through a `PeftModel` and through
+    distributed wrappers (DDP, DeepSpeed, compiled modules)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
+    return head
+
+
+def hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor], *, packed: bool) -> torch.Tensor:
+    """Final hidden states of the decoder (after its last norm), with no logits computed.
+
+    The call goes through the outermost module's forward, so whatever wraps the model does its
+    work as usual (peft's LoRA layers, DDP's gradient synchronisation, DeepSpeed's and FSDP's
+    parameter gathering), and asks for logits at no position (`logits_to_keep`). The hidden
+    states of every layer come back: free in training, where autograd (or checkpointing) keeps
+    each layer's input anyway; under `no_grad` they hold L × B × T × H values until this returns.
+
+    Packed rows are passed with `attention_mask=None`: transformers then finds where the
+    `position_ids` restart and keeps each sample's attention inside itself (block-causal masking,
+    `masking_utils.find_packed_sequence_indices`); under contiguous packing the position ids never
+    restart and attention is plainly causal. Padded rows (`packing: none`) pass their 2-D
+    `attention_mask`. The cache is off: transformers skips packed detection when there is one.
+
+    Args:
+        model: A causal LM, a `PeftModel` around one, or a distributed wrapper around either.
+        batch: `input_ids`, `position_ids` and `attention_mask`, each (B, T), as from `collate_rows`.
+        packed: Whether rows hold packed samples (isolated or contiguous) rather than one padded sample.
+
+    Returns:
+        Shape (B, T, H), in the model's dtype.
+    """
+    input_ids = batch["input_ids"]
+    out = model(
+        input_ids=input_ids,
+        position_ids=batch["position_ids"],
+        attention_mask=None if packed else batch["attention_mask"],
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+    )
+    return out.hidden_states[-1]

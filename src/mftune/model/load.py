@@ -1,0 +1,164 @@
+"""Load the model to fine-tune: dtype, attention, gradient checkpointing, adapters or quantisation."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from mftune.model.adapters import apply_lora
+
+if TYPE_CHECKING:
+    from mftune.config_schema import FinetuneConfig, ModelConfig, QloraConfig
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# `auto` turns gradient checkpointing on above this many parameters (DESIGN.md §5).
+_CHECKPOINTING_THRESHOLD = 1_000_000_000
+_NON_REENTRANT = {"use_reentrant": False}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weight dtype a `model.dtype` setting means on `device`.
+
+    Args:
+        name: `auto`, `float32`, `bfloat16` or `float16`.
+        device: Where the model will run.
+
+    Returns:
+        For `auto`: bfloat16 on CUDA devices that support it, float16 on older CUDA devices (trained
+        with loss scaling), float32 elsewhere. An explicit name is honoured everywhere.
+
+    Raises:
+        ValueError: Unknown name.
+    """
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32:
+        warnings.warn(f"{name} on CPU is slow and imprecise; float32 is the usual choice", stacklevel=2)
+    return dtype
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """The transformers `attn_implementation` a `model.attention` setting means on `device`.
+
+    `auto` is sdpa for now: transformers derives a block-causal mask from restarting position ids, so
+    isolated packing is exact with sdpa (a varlen CUDA kernel only makes it faster). `varlen` is
+    flash_attention_2 (which runs packed rows as variable-length sequences) on CUDA when flash-attn
+    is installed, otherwise sdpa with a warning. Other names pass through to transformers.
+
+    Args:
+        name: A `ModelConfig.attention` value.
+        device: Where the model will run.
+    """
+    if name == "auto":
+        return "sdpa"
+    if name == "varlen":
+        from transformers.utils import is_flash_attn_2_available
+
+        if device.type == "cuda" and is_flash_attn_2_available():
+            return "flash_attention_2"
+        warnings.warn(
+            "attention 'varlen' needs CUDA and flash-attn; using sdpa (packed samples stay isolated)",
+            stacklevel=2,
+        )
+        return "sdpa"
+    return name
+
+
+def load_model(
+    model_cfg: ModelConfig, finetune_cfg: FinetuneConfig, *, device: torch.device
+) -> torch.nn.Module:
+    """Load `model_cfg.name_or_path` ready for training with `finetune_cfg.method`.
+
+    Args:
+        model_cfg: The `model` config section (paths already resolved).
+        finetune_cfg: The `finetune` config section.
+        device: Where the model is trained.
+
+    Returns:
+        The causal LM on `device` with `config.use_cache` off: a plain model for `full`, a `PeftModel`
+        for `lora`, `dora` and `qlora`.
+
+    Raises:
+        ImportError: `qlora` without bitsandbytes or without CUDA.
+    """
+    from transformers import AutoModelForCausalLM
+
+    method = finetune_cfg.method
+    kwargs = {
+        "dtype": resolve_dtype(model_cfg.dtype, device),
+        "attn_implementation": resolve_attention(model_cfg.attention, device),
+        "trust_remote_code": model_cfg.trust_remote_code,
+    }
+    if method == "qlora":
+        kwargs.update(_quantized_loading(finetune_cfg.qlora, device))
+    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    if method != "qlora":  # a quantised model is placed by its device_map
+        model.to(device)
+    model.config.use_cache = False  # the cache only serves generation and conflicts with checkpointing
+    checkpointing = _wants_checkpointing(model_cfg.gradient_checkpointing, model, method)
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=_NON_REENTRANT
+        )
+    elif checkpointing:
+        _enable_checkpointing(model)
+        if method != "full":
+            # With a frozen embedding nothing before the first checkpointed layer needs grad;
+            # this keeps checkpointing correct even if a model falls back to reentrant mode.
+            model.enable_input_require_grads()
+    if method == "full":
+        return model
+    return apply_lora(model, finetune_cfg.lora, use_dora=method == "dora")
+
+
+def _wants_checkpointing(setting: str, model: torch.nn.Module, method: str) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    # Quantised weights are counted in packed storage elements, so the threshold cannot apply;
+    # QLoRA is chosen to save memory, and checkpointing is peft's default for it.
+    return method == "qlora" or model.num_parameters() > _CHECKPOINTING_THRESHOLD
+
+
+def _enable_checkpointing(model) -> None:
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing; older 5.x lack the new name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=_NON_REENTRANT)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NON_REENTRANT)
+
+
+def _quantized_loading(qlora_cfg: QloraConfig, device: torch.device) -> dict:
+    """`from_pretrained` arguments that load the base quantised by bitsandbytes."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("finetune.method qlora needs bitsandbytes: pip install 'mftune[gpu]'")
+    if device.type != "cuda":
+        raise ImportError(f"finetune.method qlora needs a CUDA device (bitsandbytes), not {device}")
+    from transformers import BitsAndBytesConfig
+
+    if qlora_cfg.bits == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=qlora_cfg.quant_type,
+            bnb_4bit_use_double_quant=qlora_cfg.double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            # Stored as bf16 so FSDP and ZeRO-3 can shard the packed weights like any other tensor.
+            bnb_4bit_quant_storage=torch.bfloat16,
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": quantization, "device_map": {"": index}}

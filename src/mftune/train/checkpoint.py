@@ -1,0 +1,159 @@
+"""Checkpoints that a run can always resume from.
+
+A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so a
+process killed at any moment leaves either a complete checkpoint or none: resume never sees half of one.
+Weights are safetensors; optimizer, scheduler and RNG states are tensors and plain data loaded with
+`weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    last_metric: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name: all of them in full fine-tuning, the adapter under LoRA."""
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+) -> Path:
+    """Write `checkpoints/step-XXXXXXXX` atomically and return its path."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+    )
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+    if final.exists():  # a rerun of the same step replaces the old copy
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG states in place; return the trainer state.
+
+    Raises:
+        ValueError: the checkpoint's parameters do not match the model's trainable ones.
+    """
+    path = Path(path)
+    weights = load_file(path / "trainable.safetensors")
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(
+            f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of killed writes are ignored)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int, keep_best: int, mode: str) -> list[Path]:
+    """Delete all but the newest `keep_last` and the best `keep_best` checkpoints (and stale temporaries).
+
+    Returns:
+        The deleted paths.
+    """
+    found = complete_checkpoints(output_dir)
+    keep = set(found[-keep_last:]) if keep_last else set()
+    scored = [(p, _metric(p)) for p in found]
+    scored = [(p, m) for p, m in scored if m is not None]
+    scored.sort(key=lambda pm: pm[1], reverse=mode == "max")
+    keep |= {p for p, _ in scored[:keep_best]}
+    deleted = [p for p in found if p not in keep]
+    for p in deleted:
+        shutil.rmtree(p, ignore_errors=True)
+    for tmp in checkpoint_dir(output_dir).glob(".tmp-step-*"):
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return deleted
+
+
+def _metric(path: Path) -> float | None:
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("last_metric")
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, gauss_state, gauss_next = state["python"]
+    random.setstate((version, tuple(gauss_state), gauss_next))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,262 @@
+"""The training loop (DESIGN.md §6), readable top to bottom.
+
+Set up data, model and optimizer; resume if a checkpoint exists; then for each optimizer step: train,
+log, evaluate, save. SIGTERM ends the run after the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mftune.config import Config, dump_config
+from mftune.data.pipeline import MultiTaskData, load_tokenizer, prepare_data
+from mftune.train import checkpoint as ckpt
+from mftune.train.batches import BatchPlan, DataPosition, collate, iterate_steps, steps_in_epoch
+from mftune.train.evaluate import evaluate
+from mftune.train.optim import build_optimizer, build_scheduler
+from mftune.train.step import LossSpec, StepResult, train_step
+from mftune.train.tracking import MetricsWriter, environment_snapshot, plot_task_curves, write_json
+
+
+def train(cfg: Config) -> Path:
+    """Train a model as `cfg` says and return the folder of the final model or adapter."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from mftune.model.load import load_model
+
+    if cfg.train.loss == "coba":
+        raise NotImplementedError(
+            "train.loss 'coba' (convergence balancing) is not available yet; use 'task'"
+        )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    with accelerator.main_process_first():  # rank 0 builds the token cache, the others then read it
+        data = prepare_data(cfg, tokenizer, rank=accelerator.process_index)
+    plan = BatchPlan(
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    total_steps = planned_steps(cfg, data, plan)
+
+    model = load_model(cfg.model, cfg.finetune, device=accelerator.device)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = _resume(cfg, model, optimizer, scheduler)
+
+    if accelerator.is_main_process:
+        _write_run_files(cfg, out, accelerator, data, plan, total_steps)
+    log = RunLog(cfg, out, accelerator, data, start_step=state.step, resumed=state.step > 0)
+    spec = LossSpec(cfg.train.loss, torch.tensor([t.loss_weight for t in data.tasks], dtype=torch.float32))
+    stop = StopSignal()
+    steps = iterate_steps(data, plan, DataPosition(state.epoch, state.step_in_epoch))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    model.train()
+    while state.step < total_steps and not stop.requested:
+        position, rows = next(steps)
+        batches = [collate(data, r, pad_id) for r in rows]
+        result = train_step(accelerator, model, optimizer, scheduler, batches, spec, cfg.train.max_grad_norm)
+        _advance(state, position, result)
+        log.step(state.step, result, scheduler.get_last_lr()[0])
+        if state.step % cfg.train.eval_every == 0 or state.step == total_steps:
+            metrics = evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size)
+            log.write(state.step, metrics)
+            if _early_stop(cfg, state, metrics):
+                break
+        if state.step % cfg.train.save_every == 0 or stop.requested:
+            _save(cfg, accelerator, model, optimizer, scheduler, state)
+
+    _save(cfg, accelerator, model, optimizer, scheduler, state)
+    final = _export(accelerator, model, tokenizer, data, out / "final")
+    log.close(plots=cfg.train.plots)
+    return final
+
+
+def planned_steps(cfg: Config, data: MultiTaskData, plan: BatchPlan) -> int:
+    """Optimizer steps of the run: `max_steps`, else `epochs` × the steps of an epoch."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * steps_in_epoch(len(data.epoch_rows(0)), plan)))
+
+
+def _advance(state: ckpt.TrainerState, position: DataPosition, result: StepResult) -> None:
+    state.step += 1
+    state.epoch, state.step_in_epoch = position.epoch, position.step_in_epoch + 1
+    state.tokens_seen += result.num_tokens
+
+
+def _resume(cfg: Config, model, optimizer, scheduler) -> ckpt.TrainerState:
+    """The trainer state to start from: a fresh one, or the one `train.resume` points at, restored."""
+    resume = cfg.train.resume
+    if resume == "never":
+        return ckpt.TrainerState()
+    path = ckpt.latest_checkpoint(cfg.train.output_dir) if resume == "auto" else Path(resume)
+    if path is None:
+        return ckpt.TrainerState()
+    state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+    print(f"resumed from {path} (step {state.step})")
+    return state
+
+
+def _early_stop(cfg: Config, state: ckpt.TrainerState, metrics: dict[str, float]) -> bool:
+    rule = cfg.train.early_stopping
+    value = metrics.get(rule.metric)
+    if value is None:
+        return False
+    state.last_metric = value
+    better = state.best_metric is None or (
+        value < state.best_metric if rule.mode == "min" else value > state.best_metric
+    )
+    if better:
+        state.best_metric, state.evals_without_improvement = value, 0
+        return False
+    state.evals_without_improvement += 1
+    return rule.patience is not None and state.evals_without_improvement >= rule.patience
+
+
+def _save(cfg: Config, accelerator, model, optimizer, scheduler, state: ckpt.TrainerState) -> None:
+    if accelerator.is_main_process:
+        ckpt.save_checkpoint(
+            cfg.train.output_dir, accelerator.unwrap_model(model), optimizer, scheduler, state
+        )
+        ckpt.prune_checkpoints(
+            cfg.train.output_dir, cfg.train.keep_last, cfg.train.keep_best, cfg.train.early_stopping.mode
+        )
+    accelerator.wait_for_everyone()
+
+
+def _export(accelerator, model, tokenizer, data: MultiTaskData, folder: Path) -> Path:
+    """The final model (full) or adapter (LoRA), with the tokenizer carrying the training chat template."""
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(folder, safe_serialization=True)
+        tokenizer.chat_template = data.template.chat_template()
+        tokenizer.save_pretrained(folder)
+        stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(data.stop_token)} - {None}
+        generation = getattr(unwrapped, "generation_config", None)
+        if generation is not None:
+            generation.eos_token_id = sorted(stop_ids)
+            generation.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _write_run_files(
+    cfg: Config, out: Path, accelerator, data: MultiTaskData, plan: BatchPlan, total_steps: int
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "resolved_config.yaml")
+    write_json(
+        out / "environment.json", environment_snapshot(accelerator.num_processes, str(accelerator.device))
+    )
+    counts = data.epoch_counts()
+    print(
+        f"{len(data.tasks)} tasks, {sum(counts.values())} samples per epoch; global batch {plan.global_batch} = "
+        f"micro-batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es); "
+        f"{total_steps} steps"
+    )
+
+
+class StopSignal:
+    """Turns SIGTERM into a request to save and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        with contextlib.suppress(ValueError):  # not the main thread: leave the default behaviour
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+@dataclass
+class RunLog:
+    """Progress bar, metrics.jsonl and TensorBoard; per-task train metrics averaged over each log interval."""
+
+    cfg: Config
+    out: Path
+    accelerator: object
+    data: MultiTaskData
+    start_step: int = 0
+    resumed: bool = False
+    _interval: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        main = self.accelerator.is_main_process
+        self.writer = (
+            MetricsWriter(
+                self.out,
+                tensorboard=self.cfg.train.tensorboard,
+                resume_from=self.start_step if self.resumed else None,
+            )
+            if main
+            else None
+        )
+        total = self.cfg.train.max_steps or None
+        self.bar = tqdm(
+            total=total, initial=self.start_step, disable=not main, desc="train", dynamic_ncols=True
+        )
+        self._clock = time.perf_counter()
+
+    def step(self, step: int, result: StepResult, lr: float) -> None:
+        acc = self._interval
+        acc["steps"] = acc.get("steps", 0) + 1
+        acc["loss"] = acc.get("loss", 0.0) + result.loss
+        acc["tokens"] = acc.get("tokens", 0) + result.num_tokens
+        for key, value in result.per_task.items():
+            acc[key] = acc.get(key, 0) + value.cpu()
+        self.bar.update(1)
+        if step % self.cfg.train.log_every:
+            return
+        seconds = time.perf_counter() - self._clock
+        values = {
+            "train/loss": acc["loss"] / acc["steps"],
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_second": acc["tokens"] / max(seconds, 1e-9),
+        }
+        values.update(self._per_task(acc))
+        self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['tokens_per_second']:.0f}")
+        self.write(step, values)
+        self._interval, self._clock = {}, time.perf_counter()
+
+    def _per_task(self, acc: dict) -> dict[str, float]:
+        values = {}
+        for task in self.data.tasks:
+            k = task.task_id
+            tokens = float(acc["num_tokens"][k]) if "num_tokens" in acc else 0.0
+            if tokens:
+                values[f"train/{task.name}/loss"] = float(acc["loss_sum"][k]) / tokens
+                values[f"train/{task.name}/accuracy"] = float(acc["num_correct"][k]) / tokens
+            values[f"train/{task.name}/tokens"] = tokens
+            values[f"train/{task.name}/weight"] = (
+                float(acc["weight"][k]) / acc["steps"] if "weight" in acc else 0.0
+            )
+        return values
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            self.writer.write(step, values)
+        if "valid/loss" in values:
+            self.bar.write(f"step {step}: valid/loss {values['valid/loss']:.4f}")
+
+    def close(self, *, plots: bool) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            if plots:
+                plot_task_curves(self.out, [t.name for t in self.data.tasks])

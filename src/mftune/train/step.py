@@ -1,0 +1,111 @@
+"""One optimizer step: counts for the whole step first, then forward/backward per micro-batch, then update.
+
+The loss of a step is Σ c_i ℓ_i over all its trained tokens, on all micro-batches and ranks
+(DESIGN.md §3). Counts are all-reduced once, before any forward, so each micro-batch's loss is already
+its exact share of the step's loss and gradients simply add up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from mftune.loss.cross_entropy import lm_head_loss
+from mftune.loss.weighting import (
+    StepCounts,
+    count_step,
+    per_task_sums,
+    reduce_counts,
+    select_targets,
+    token_coefficients,
+)
+from mftune.model.backbone import hidden_states, output_head
+from mftune.train.distributed import backend_loss_scale
+
+
+@dataclass
+class LossSpec:
+    """How token losses become a step loss: the strategy, per-task weights (K,), the CE chunk size."""
+
+    strategy: str
+    task_weights: torch.Tensor
+    chunk_size: int = 2048
+
+
+@dataclass
+class TokenLosses:
+    """Per-token results of one micro-batch's forward pass."""
+
+    loss: torch.Tensor  # (N,) float32 cross entropy
+    correct: torch.Tensor  # (N,) bool
+    targets: object  # mftune.loss.weighting.Targets
+
+
+def token_losses(model: torch.nn.Module, batch: dict, chunk_size: int) -> TokenLosses:
+    """Cross entropy of every trained target of a micro-batch, without full-vocabulary logits."""
+    targets = select_targets(batch)
+    hidden = hidden_states(model, batch, packed=batch["packed"])
+    config = getattr(model, "config", None)
+    loss, correct = lm_head_loss(
+        output_head(model), hidden[targets.positions], targets.token_ids, chunk_size, config=config
+    )
+    return TokenLosses(loss, correct, targets)
+
+
+def weighted_loss(model, batch: dict, counts: StepCounts, spec: LossSpec) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the step loss, and its per-task sums for logging."""
+    out = token_losses(model, batch, spec.chunk_size)
+    coefficients = token_coefficients(
+        out.targets, counts, spec.strategy, spec.task_weights.to(out.loss.device)
+    )
+    sums = per_task_sums(out.loss.detach(), out.correct, out.targets, len(spec.task_weights))
+    weight_mass = torch.zeros(len(spec.task_weights), device=out.loss.device)
+    weight_mass.index_add_(0, out.targets.task_ids, coefficients.detach())
+    sums["weight"] = weight_mass
+    return (coefficients * out.loss).sum(), sums
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    num_tokens: int
+    per_task: dict[str, torch.Tensor]
+
+
+def train_step(
+    accelerator, model, optimizer, scheduler, micro_batches: list[dict], spec: LossSpec, max_grad_norm: float
+) -> StepResult:
+    """Run one optimizer step over this rank's micro-batches.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator` (gradient accumulation is done here, not by it).
+        micro_batches: collated micro-batches of this rank for this step (may be empty on a rank).
+    """
+    num_tasks = len(spec.task_weights)
+    counts = reduce_counts(count_step(micro_batches, num_tasks), lambda t: accelerator.reduce(t, "sum"))
+    scale = backend_loss_scale(accelerator)
+    step_loss = torch.zeros((), device=accelerator.device)
+    totals: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, sums = weighted_loss(model, batch, counts, spec)
+            accelerator.backward(loss * scale)
+        step_loss += loss.detach()
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0) + value
+    grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    reduced = {k: accelerator.reduce(v.float(), "sum") for k, v in totals.items()} if totals else {}
+    return StepResult(
+        loss=float(accelerator.reduce(step_loss, "sum")),
+        grad_norm=float(grad_norm),
+        num_tokens=int(counts.num_tokens),
+        per_task=reduced,
+    )
