@@ -30,27 +30,31 @@ CONVERSATIONS = [
 TRAINING_TEMPLATE = RoleMarkersTemplate("<s>system\n", "<s>human\n", "<s>bot\n", "</s>").chat_template()
 
 
-@pytest.fixture(scope="session")
-def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A LoRA adapter on the tiny llama, with nonzero B, saved as training saves it."""
+def _save_adapter(base_dir: Path, out: Path, method: str) -> Path:
+    """A LoRA/DoRA adapter with nonzero B (not a no-op), saved as training saves it."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     model = load_model(
-        ModelConfig(name_or_path=str(tiny_model_dir)),
-        FinetuneConfig(method="lora", lora=LoraConfig(r=4, alpha=8)),
+        ModelConfig(name_or_path=str(base_dir)),
+        FinetuneConfig(method=method, lora=LoraConfig(r=4, alpha=8)),
         device=torch.device("cpu"),
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.2)
-    out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = TRAINING_TEMPLATE
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A LoRA adapter on the tiny llama."""
+    return _save_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), "lora")
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +87,12 @@ def test_merged_logits_equal_adapter_logits(
     adapter, merged = _logits(adapter_dir), _logits(merged_dir)
     torch.testing.assert_close(merged, adapter, atol=1e-5, rtol=1e-5)
     assert (adapter - _logits(tiny_model_dir)).abs().max() > 1e-2  # the adapter is not a no-op
+
+
+def test_merged_dora_logits_equal_adapter_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    adapter = _save_adapter(tiny_model_dir, tmp_path / "dora", "dora")
+    merged = merge_adapter(adapter, tmp_path / "merged")
+    torch.testing.assert_close(_logits(merged), _logits(adapter), atol=1e-5, rtol=1e-5)
 
 
 def test_merged_folder_is_sharded_safetensors_with_the_training_template(merged_dir: Path) -> None:

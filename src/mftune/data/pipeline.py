@@ -108,7 +108,9 @@ class MultiTaskData:
         return self._pack(pieces, lambda t: self.tasks[t].valid_tokenized, None)
 
     def _pack(self, pieces, tokenized_of, shuffle_seed: int | None) -> list[Row]:
-        lengths = np.array([tokenized_of(t).lengths[i] for t, i in pieces], dtype=np.int64)
+        # `lengths` is computed from the offsets on each access: once per task, not once per piece.
+        task_lengths = {t: np.asarray(tokenized_of(t).lengths) for t in {t for t, _ in pieces}}
+        lengths = np.array([task_lengths[t][i] for t, i in pieces], dtype=np.int64)
         if self.packing == "none":
             return [[(t, i, 0, int(n))] for (t, i), n in zip(pieces, lengths, strict=True)]
         if self.packing == "contiguous":

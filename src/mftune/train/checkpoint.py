@@ -43,6 +43,10 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by name: all of them in full fine-tuning, the adapter under LoRA."""
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
@@ -57,8 +61,8 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints/step-XXXXXXXX` atomically and return its path."""
     root = checkpoint_dir(output_dir)
-    final = root / f"step-{state.step:08d}"
-    tmp = root / f".tmp-step-{state.step:08d}-{os.getpid()}"
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), tmp / "trainable.safetensors")

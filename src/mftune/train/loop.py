@@ -59,12 +59,14 @@ def train(cfg: Config) -> Path:
 
     if accelerator.is_main_process:
         _write_run_files(cfg, out, accelerator, data, plan, total_steps)
-    log = RunLog(cfg, out, accelerator, data, start_step=state.step, resumed=state.step > 0)
+    log = RunLog(cfg, out, accelerator, data, total_steps, start_step=state.step, resumed=state.step > 0)
     spec = LossSpec(cfg.train.loss, torch.tensor([t.loss_weight for t in data.tasks], dtype=torch.float32))
     stop = StopSignal()
     steps = iterate_steps(data, plan, DataPosition(state.epoch, state.step_in_epoch))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    if state.step == 0:  # the baseline every later evaluation is read against
+        log.write(0, evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size))
     model.train()
     while state.step < total_steps and not stop.requested:
         position, rows = next(steps)
@@ -80,7 +82,9 @@ def train(cfg: Config) -> Path:
         if state.step % cfg.train.save_every == 0 or stop.requested:
             _save(cfg, accelerator, model, optimizer, scheduler, state)
 
-    _save(cfg, accelerator, model, optimizer, scheduler, state)
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None or latest.name != ckpt.checkpoint_name(state.step):
+        _save(cfg, accelerator, model, optimizer, scheduler, state)
     final = _export(accelerator, model, tokenizer, data, out / "final")
     log.close(plots=cfg.train.plots)
     return final
@@ -191,6 +195,7 @@ class RunLog:
     out: Path
     accelerator: object
     data: MultiTaskData
+    total_steps: int
     start_step: int = 0
     resumed: bool = False
     _interval: dict = field(default_factory=dict)
@@ -206,9 +211,12 @@ class RunLog:
             if main
             else None
         )
-        total = self.cfg.train.max_steps or None
         self.bar = tqdm(
-            total=total, initial=self.start_step, disable=not main, desc="train", dynamic_ncols=True
+            total=self.total_steps,
+            initial=self.start_step,
+            disable=not main,
+            desc="train",
+            dynamic_ncols=True,
         )
         self._clock = time.perf_counter()
 
@@ -217,6 +225,7 @@ class RunLog:
         acc["steps"] = acc.get("steps", 0) + 1
         acc["loss"] = acc.get("loss", 0.0) + result.loss
         acc["tokens"] = acc.get("tokens", 0) + result.num_tokens
+        acc["input_tokens"] = acc.get("input_tokens", 0) + result.num_input_tokens
         for key, value in result.per_task.items():
             acc[key] = acc.get(key, 0) + value.cpu()
         self.bar.update(1)
@@ -227,7 +236,8 @@ class RunLog:
             "train/loss": acc["loss"] / acc["steps"],
             "lr": lr,
             "grad_norm": result.grad_norm,
-            "tokens_per_second": acc["tokens"] / max(seconds, 1e-9),
+            "tokens_per_second": acc["input_tokens"] / max(seconds, 1e-9),
+            "trained_tokens_per_second": acc["tokens"] / max(seconds, 1e-9),
         }
         values.update(self._per_task(acc))
         self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['tokens_per_second']:.0f}")

@@ -69,9 +69,15 @@ def weighted_loss(model, batch: dict, counts: StepCounts, spec: LossSpec) -> tup
 
 @dataclass
 class StepResult:
+    """What one optimizer step did, summed over ranks.
+
+    `num_tokens` counts trained target tokens (the loss's N); `num_input_tokens` every non-padding token.
+    """
+
     loss: float
     grad_norm: float
     num_tokens: int
+    num_input_tokens: int
     per_task: dict[str, torch.Tensor]
 
 
@@ -88,6 +94,9 @@ def train_step(
     counts = reduce_counts(count_step(micro_batches, num_tasks), lambda t: accelerator.reduce(t, "sum"))
     scale = backend_loss_scale(accelerator)
     step_loss = torch.zeros((), device=accelerator.device)
+    input_tokens = torch.tensor(
+        float(sum(int(b["attention_mask"].sum()) for b in micro_batches)), device=accelerator.device
+    )
     totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -107,5 +116,6 @@ def train_step(
         loss=float(accelerator.reduce(step_loss, "sum")),
         grad_norm=float(grad_norm),
         num_tokens=int(counts.num_tokens),
+        num_input_tokens=int(accelerator.reduce(input_tokens, "sum")),
         per_task=reduced,
     )
