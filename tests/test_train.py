@@ -93,7 +93,8 @@ def test_a_step_moves_weights_and_logs_every_task(tmp_path, tiny_model_dir):
     for task in ("write_test", "write_function"):
         assert last[f"valid/{task}/loss"] > 0 and 0 <= last[f"valid/{task}/accuracy"] <= 1
     # `task` strategy with loss weights 1 and 2: the logged weight mass is 1/3 and 2/3 when both are present.
-    first = rows[0]
+    assert rows[0]["step"] == 0 and "valid/loss" in rows[0]  # the baseline evaluation before training
+    first = next(r for r in rows if "train/loss" in r)
     if first["train/write_test/tokens"] and first["train/write_function/tokens"]:
         assert first["train/write_test/weight"] == pytest.approx(1 / 3, rel=1e-5)
     before = load_file(next(Path(tiny_model_dir).glob("*.safetensors")))

@@ -1,0 +1,416 @@
+"""Benchmark of mftune's task weighting: its cost over a plain mean cross entropy on one CPU training step.
+
+Builds a tiny random-weight llama and real packed micro-batches from the bundled `examples/data` tasks
+(`prepare_data`, isolated packing), then times optimizer steps of, in one process, with the same model
+weights at the start and the same batches:
+
+- (a) `model(..., labels=labels)`: transformers' mean cross entropy over full (B, T, V) logits;
+- (b) the decoder's hidden states, `lm_head_loss` (chunked, logits only at the targets), then `.mean()`:
+  the same cross entropy as mftune's, without any weighting;
+- (c) `mftune.train.step.train_step` for each strategy (`token`, `sample`, `task`, `task_sample`):
+  step counts, coefficients, Σ c·ℓ and the per-task sums it logs.
+
+Every variant owns a copy of the model and an AdamW optimizer (then gradient clipping and a scheduler
+step, as in `train_step`). Variants run interleaved, a few steps each per round in a rotating order, so
+that drift of a shared machine falls on all of them alike. It also times the weighting alone (counts and
+coefficients of a step, no model) and reports it as a share of a step.
+
+    python benchmarks/loss_overhead.py                       # about 2-3 minutes on 2 cores
+    python benchmarks/loss_overhead.py --steps 10 --warmup 2 # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import yaml
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+TASK_WEIGHTS = {"arithmetic": 1.0, "list_ops": 1.0, "write_function": 2.0, "write_test": 3.0}
+STRATEGIES = ("token", "sample", "task", "task_sample")
+LEARNING_RATE = 1e-4
+MAX_GRAD_NORM = 1.0
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+def write_config(workdir: Path, model_dir: Path, args: argparse.Namespace) -> Path:
+    """An mftune config over the bundled example tasks, as a training run would read it."""
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "finetune": {"method": "full"},
+        "data": {
+            "tasks": {
+                name: {"path": str(EXAMPLES / name), "loss_weight": weight}
+                for name, weight in TASK_WEIGHTS.items()
+            },
+            "max_seq_len": args.max_seq_len,
+            "packing": "isolated",
+            "cache_dir": str(workdir / "cache"),
+            "num_proc": 1,
+            "valid_ratio": 0.0,
+        },
+        "train": {
+            "output_dir": str(workdir / "run"),
+            "learning_rate": LEARNING_RATE,
+            "micro_batch_size": args.micro_batch,
+            "global_batch_size": args.micro_batch * args.accumulation,
+            "max_grad_norm": MAX_GRAD_NORM,
+        },
+    }
+    path = workdir / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def build_steps(cfg, num_steps: int) -> tuple[list[list[dict]], torch.Tensor, int]:
+    """Collated micro-batches of the first `num_steps` optimizer steps of epoch 0, and the task weights.
+
+    Returns:
+        `(steps, task_weights, pad_id)`.
+    """
+    from mftune.data.pipeline import load_tokenizer, prepare_data
+    from mftune.train.batches import BatchPlan, collate, rows_for_step, steps_in_epoch
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, tokenizer)
+    plan = BatchPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    rows = data.epoch_rows(0)
+    available = steps_in_epoch(len(rows), plan)
+    if available < num_steps:
+        raise SystemExit(f"the example data gives {available} steps, fewer than the {num_steps} asked")
+    steps = [[collate(data, r, tokenizer.pad_token_id) for r in rows_for_step(rows, s, plan)] for s in range(num_steps)]
+    weights = torch.tensor([t.loss_weight for t in data.tasks], dtype=torch.float32)
+    return steps, weights, tokenizer.pad_token_id
+
+
+class IdentityAccelerator:
+    """What `train_step` asks of an `accelerate.Accelerator`, for one CPU process and nothing more."""
+
+    device = torch.device("cpu")
+    distributed_type = SimpleNamespace(name="NO")
+    num_processes = 1
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self, model: torch.nn.Module):
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+# --- the variants ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One way of training a step, on its own copy of the model and optimizer."""
+
+    name: str
+    step: Callable[[list[dict]], None]
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return 1000 * statistics.median(self.times)
+
+    def quartiles_ms(self) -> tuple[float, float]:
+        if len(self.times) < 2:
+            return self.median_ms, self.median_ms
+        q = statistics.quantiles(self.times, n=4)
+        return 1000 * q[0], 1000 * q[2]
+
+
+def _trainer(base_model: torch.nn.Module):
+    """A fresh copy of `base_model` with an AdamW optimizer and constant-rate scheduler."""
+    from mftune.config import TrainConfig
+    from mftune.train.optim import build_optimizer, build_scheduler
+
+    model = copy.deepcopy(base_model).train()
+    train_cfg = TrainConfig(learning_rate=LEARNING_RATE, lr_schedule="constant", warmup_steps=0)
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg, total_steps=1_000_000)
+    return model, optimizer, scheduler
+
+
+def _finish(model, optimizer, scheduler) -> None:
+    # What train_step does after the micro-batches: clip, update, schedule, clear.
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def full_logits_variant(base_model) -> Variant:
+    """(a) transformers' own loss: full logits, mean cross entropy, summed over accumulation."""
+    model, optimizer, scheduler = _trainer(base_model)
+
+    def step(micro_batches: list[dict]) -> None:
+        for batch in micro_batches:
+            out = model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                attention_mask=None,  # packed: block-causal attention from the position ids, as mftune
+                labels=batch["labels"],
+                use_cache=False,
+            )
+            (out.loss / len(micro_batches)).backward()
+        _finish(model, optimizer, scheduler)
+
+    return Variant("(a) HF forward(labels=...), full logits, mean CE", step)
+
+
+def chunked_mean_variant(base_model, chunk_size: int) -> Variant:
+    """(b) mftune's chunked cross entropy at the targets, plainly averaged: no counts, no coefficients."""
+    from mftune.data.collate import IGNORE_INDEX
+    from mftune.loss.cross_entropy import lm_head_loss
+    from mftune.model.backbone import hidden_states, output_head
+
+    model, optimizer, scheduler = _trainer(base_model)
+    head = output_head(model)
+
+    def step(micro_batches: list[dict]) -> None:
+        for batch in micro_batches:
+            labels = batch["labels"]
+            is_target = labels[:, 1:] != IGNORE_INDEX
+            hidden = hidden_states(model, batch, packed=True)[:, :-1][is_target]
+            loss, _ = lm_head_loss(head, hidden, labels[:, 1:][is_target], chunk_size, config=model.config)
+            (loss.mean() / len(micro_batches)).backward()
+        _finish(model, optimizer, scheduler)
+
+    return Variant("(b) hidden states + lm_head_loss, .mean()", step)
+
+
+def mftune_variant(base_model, strategy: str, task_weights: torch.Tensor, chunk_size: int) -> Variant:
+    """(c) `train_step` itself, with one of the weighting strategies."""
+    from mftune.train.step import LossSpec, train_step
+
+    model, optimizer, scheduler = _trainer(base_model)
+    accelerator = IdentityAccelerator()
+    spec = LossSpec(strategy, task_weights, chunk_size)
+
+    def step(micro_batches: list[dict]) -> None:
+        train_step(accelerator, model, optimizer, scheduler, micro_batches, spec, MAX_GRAD_NORM)
+
+    return Variant(f"(c) train_step, loss={strategy}", step)
+
+
+# --- measurement ----------------------------------------------------------------------------------
+
+
+def run_interleaved(variants: list[Variant], steps: list[list[dict]], warmup: int, rounds: int) -> None:
+    """Warm every variant up, then time `len(steps) - warmup` steps of each in `rounds` rotating rounds.
+
+    Every variant trains on the same steps in the same order; round r gives each variant the same slice.
+    """
+    for i in range(warmup):
+        for variant in variants:
+            variant.step(steps[i])
+    timed = list(range(warmup, len(steps)))
+    per_round = -(-len(timed) // rounds)
+    for r in range(rounds):
+        chunk = timed[r * per_round : (r + 1) * per_round]
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            for i in chunk:
+                start = time.perf_counter()
+                variant.step(steps[i])
+                variant.times.append(time.perf_counter() - start)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+
+def weighting_only_ms(
+    steps: list[list[dict]], strategy: str, task_weights: torch.Tensor, repeats: int
+) -> tuple[float, float]:
+    """Median ms per step of the weighting machinery without a model, on the timed steps.
+
+    Returns:
+        `(coefficients, bookkeeping)`: `count_step` + `reduce_counts` + per micro-batch `select_targets` and
+        `token_coefficients`; then the same plus what `weighted_loss` adds around the cross entropy
+        (Σ c·ℓ on a stand-in loss, `per_task_sums`, the weight mass).
+    """
+    from mftune.loss.weighting import (
+        count_step,
+        per_task_sums,
+        reduce_counts,
+        select_targets,
+        token_coefficients,
+    )
+
+    num_tasks = len(task_weights)
+
+    def coefficients(micro_batches: list[dict], bookkeeping: bool) -> None:
+        counts = reduce_counts(count_step(micro_batches, num_tasks), lambda t: t)
+        for batch in micro_batches:
+            targets = select_targets(batch)
+            c = token_coefficients(targets, counts, strategy, task_weights)
+            if bookkeeping:
+                loss = torch.ones(targets.num_targets)
+                (c * loss).sum()
+                per_task_sums(loss, loss > 0, targets, num_tasks)
+                torch.zeros(num_tasks).index_add_(0, targets.task_ids, c)
+
+    results = []
+    for bookkeeping in (False, True):
+        per_step = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for micro_batches in steps:
+                coefficients(micro_batches, bookkeeping)
+            per_step.append((time.perf_counter() - start) / len(steps))
+        results.append(1000 * statistics.median(per_step))
+    return results[0], results[1]
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def markdown_table(variants: list[Variant], weighting: dict[str, tuple[float, float]]) -> str:
+    full, chunked = variants[0].median_ms, variants[1].median_ms
+    lines = [
+        "| variant | median ms/step | p25-p75 ms | vs (b) | vs (a) | weighting alone ms (% of step) "
+        "| + logging sums ms (% of step) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant in variants:
+        median = variant.median_ms
+        low, high = variant.quartiles_ms()
+        strategy = variant.name.rsplit("loss=", 1)[-1] if "loss=" in variant.name else None
+        if strategy in weighting:
+            coeff, book = weighting[strategy]
+            alone = f"{coeff:.2f} ({100 * coeff / median:.2f}%)"
+            logged = f"{book:.2f} ({100 * book / median:.2f}%)"
+        else:
+            alone = logged = "-"
+        lines.append(
+            f"| {variant.name} | {median:.1f} | {low:.1f}-{high:.1f} | {100 * (median / chunked - 1):+.1f}% "
+            f"| {100 * (median / full - 1):+.1f}% | {alone} | {logged} |"
+        )
+    return "\n".join(lines)
+
+
+def describe_steps(steps: list[list[dict]]) -> str:
+    rows = sum(b["input_ids"].shape[0] for s in steps for b in s)
+    tokens = sum(int(b["attention_mask"].sum()) for s in steps for b in s)
+    capacity = sum(b["input_ids"].numel() for s in steps for b in s)
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for s in steps for b in s)
+    samples = sum(int(b["sample_ids"].max()) + 1 for s in steps for b in s)
+    return (
+        f"{len(steps)} steps of {len(steps[0])} micro-batches; per step: {rows / len(steps):.0f} rows, "
+        f"{tokens / len(steps):,.0f} tokens ({tokens / capacity:.1%} of the padded capacity), "
+        f"{samples / len(steps):.0f} samples, {targets / len(steps):,.0f} trained targets"
+    )
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mftune.config import load_config
+    from mftune.tiny import build_tiny_model
+
+    torch.manual_seed(args.seed)
+    model_dir = build_tiny_model(
+        workdir / "model", "llama", hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed
+    )
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = load_config(write_config(workdir, model_dir, args))
+    steps, task_weights, _ = build_steps(cfg, args.warmup + args.steps)
+    chunk_size = 2048  # LossSpec's default, as a training run uses
+
+    variants = [full_logits_variant(base), chunked_mean_variant(base, chunk_size)]
+    variants += [mftune_variant(base, s, task_weights, chunk_size) for s in STRATEGIES]
+    params = sum(p.numel() for p in base.parameters())
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load}"
+    )
+    print(f"torch {torch.__version__}, transformers {_version('transformers')}, python {platform.python_version()}")
+    print(
+        f"model: tiny llama, hidden {args.hidden_size}, {args.num_layers} layers, vocab {base.config.vocab_size}, "
+        f"{params / 1e6:.2f}M parameters, fp32, sdpa"
+    )
+    print(f"data: {len(task_weights)} example tasks, isolated packing at {args.max_seq_len}; {describe_steps(steps)}")
+    print(
+        f"timing: {args.warmup} warm-up + {args.steps} timed steps per variant, {args.rounds} interleaved rounds",
+        flush=True,
+    )
+
+    start = time.perf_counter()
+    run_interleaved(variants, steps, args.warmup, args.rounds)
+    timed_steps = steps[args.warmup :]
+    weighting = {s: weighting_only_ms(timed_steps, s, task_weights, args.weighting_repeats) for s in STRATEGIES}
+    print(f"measured in {time.perf_counter() - start:.0f} s\n")
+    print(markdown_table(variants, weighting))
+    worst = max(v.median_ms for v in variants[2:])
+    overhead = 100 * (worst / variants[1].median_ms - 1)
+    costliest = max(book for _, book in weighting.values())
+    print(
+        f"\nslowest strategy vs (b): {overhead:+.1f}% of a step (goal < 3%); "
+        f"weighting + logging sums alone: at most {costliest:.2f} ms "
+        f"= {100 * costliest / variants[1].median_ms:.2f}% of a (b) step"
+    )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden-size", type=int, default=256, help="tiny llama hidden size (default 256)")
+    parser.add_argument("--num-layers", type=int, default=4, help="tiny llama layers (default 4)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="packed row length (default 256)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per micro-batch (default 8)")
+    parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per step (default 2)")
+    parser.add_argument(
+        "--weighting-repeats", type=int, default=20, help="passes of the weighting-only timing (default 20)"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="model weights seed")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--steps and --rounds must be at least 1, --warmup at least 0")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="mftune-loss-bench-") as workdir:
+        run(args, Path(workdir))
+
+
+if __name__ == "__main__":
+    main()
