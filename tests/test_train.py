@@ -230,6 +230,67 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tiny_model_dir):
         assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
 
 
-def test_coba_is_refused_until_available(tmp_path, tiny_model_dir):
-    with pytest.raises(Exception, match="coba"):
-        train(load_config(make_config(tmp_path, tiny_model_dir, "c", loss="coba")))
+COBA = {"coba.warmup": 2, "coba.update_interval": 1, "coba.history": 4}
+
+
+def test_coba_trains_logs_weights_and_resumes_exactly(tmp_path, tiny_model_dir):
+    overrides = [f"{k}={v}" for k, v in COBA.items()]
+    straight = tmp_path / "straight"
+    cfg = make_config(
+        tmp_path, tiny_model_dir, "straight", loss="coba", max_steps=4, save_every=2, keep_last=5
+    )
+    train(load_config(cfg, overrides))
+    rows = metrics(straight)
+    weights = [r for r in rows if "coba/write_test/weight" in r]
+    assert [r["step"] for r in weights] == [0, 1, 2, 3, 4]
+    for r in weights:
+        assert r["coba/write_test/weight"] + r["coba/write_function/weight"] == pytest.approx(1.0, abs=1e-6)
+    assert weights[0]["coba/write_test/weight"] == pytest.approx(0.5)  # uniform during warm-up
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    cfg = make_config(
+        tmp_path, tiny_model_dir, "resumed", loss="coba", max_steps=4, save_every=2, keep_last=5
+    )
+    train(load_config(cfg, overrides))
+    a = json.loads((straight / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    b = json.loads((resumed / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert a["extra"]["coba"] == b["extra"]["coba"]
+    wa = load_file(straight / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    wb = load_file(resumed / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_moe_router_loss_is_added_once_per_step(tiny_model_dir):
+    """A mixture-of-experts model's step loss = weighted cross entropy + the mean router loss of its micro-batches."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from mftune.data.collate import Sample, collate_rows
+    from mftune.loss.weighting import count_step
+    from mftune.train.step import LossSpec, weighted_loss
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.5,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(1, 64, (12,)).numpy()
+    sample = Sample(input_ids=ids, trained=ids > 0, task_id=0, sample_id=0)
+    batch = collate_rows([[sample]], 0)
+    batch["packed"] = True
+    counts = count_step([batch], 1)
+    spec = LossSpec("token", torch.ones(1))
+    with torch.no_grad():
+        loss, _ = weighted_loss(model, batch, counts, spec, router_share=0.25)
+        reference = model(input_ids=batch["input_ids"], labels=batch["labels"], output_router_logits=True)
+    cross_entropy = reference.loss - 0.5 * reference.aux_loss  # transformers adds coef * aux to its loss
+    assert loss == pytest.approx(float(cross_entropy + 0.25 * 0.5 * reference.aux_loss), rel=1e-5)

@@ -281,7 +281,7 @@ def _divergence_factor(max_slopes: Sequence[float], tau: float) -> float:
     slopes = torch.tensor(max_slopes, dtype=_F64)
     count = slopes.numel()
     logits = -tau * count * _normalised(slopes, slopes.abs().sum())  # |logit| <= tau * count
-    return count * float(torch.softmax(logits, dim=0)[-1])
+    return min(max(count * float(torch.softmax(logits, dim=0)[-1]), 0.0), 1.0)
 
 
 def _apply_floor(weights: torch.Tensor, floor: float) -> torch.Tensor:

@@ -46,7 +46,21 @@ def hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor], *, packed
     Returns:
         Shape (B, T, H), in the model's dtype.
     """
+    return forward_hidden(model, batch, packed=packed)[0]
+
+
+def forward_hidden(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], *, packed: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`hidden_states`, plus a mixture-of-experts model's router load-balancing loss.
+
+    Returns:
+        Hidden states (B, T, H), and the router loss already scaled by the model's
+        `router_aux_loss_coef` (a scalar), or None for a dense model.
+    """
     input_ids = batch["input_ids"]
+    is_moe = hasattr(getattr(model, "config", None), "router_aux_loss_coef")
+    extra = {"output_router_logits": True} if is_moe else {}
     out = model(
         input_ids=input_ids,
         position_ids=batch["position_ids"],
@@ -54,5 +68,9 @@ def hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor], *, packed
         use_cache=False,
         output_hidden_states=True,
         logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
+        **extra,
     )
-    return out.hidden_states[-1]
+    aux = getattr(out, "aux_loss", None) if is_moe else None
+    if aux is not None:
+        aux = aux * model.config.router_aux_loss_coef
+    return out.hidden_states[-1], aux

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mftune.config import Config, dump_config
 from mftune.data.pipeline import MultiTaskData, load_tokenizer, prepare_data
 from mftune.train import checkpoint as ckpt
+from mftune.train.balancing import TaskBalancer
 from mftune.train.batches import BatchPlan, DataPosition, collate, iterate_steps, steps_in_epoch
 from mftune.train.evaluate import evaluate
 from mftune.train.optim import build_optimizer, build_scheduler
@@ -33,10 +34,6 @@ def train(cfg: Config) -> Path:
 
     from mftune.model.load import load_model
 
-    if cfg.train.loss == "coba":
-        raise NotImplementedError(
-            "train.loss 'coba' (convergence balancing) is not available yet; use 'task'"
-        )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
@@ -60,13 +57,16 @@ def train(cfg: Config) -> Path:
     if accelerator.is_main_process:
         _write_run_files(cfg, out, accelerator, data, plan, total_steps)
     log = RunLog(cfg, out, accelerator, data, total_steps, start_step=state.step, resumed=state.step > 0)
-    spec = LossSpec(cfg.train.loss, torch.tensor([t.loss_weight for t in data.tasks], dtype=torch.float32))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    balancer = TaskBalancer(cfg, data, pad_id)
+    balancer.load_state_dict(state.extra)
+    spec = LossSpec(cfg.train.loss, balancer.weights)
     stop = StopSignal()
     steps = iterate_steps(data, plan, DataPosition(state.epoch, state.step_in_epoch))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     if state.step == 0:  # the baseline every later evaluation is read against
         log.write(0, evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size))
+        log.write(0, balancer.after_step(0, model, accelerator.device))
     model.train()
     while state.step < total_steps and not stop.requested:
         position, rows = next(steps)
@@ -74,6 +74,10 @@ def train(cfg: Config) -> Path:
         result = train_step(accelerator, model, optimizer, scheduler, batches, spec, cfg.train.max_grad_norm)
         _advance(state, position, result)
         log.step(state.step, result, scheduler.get_last_lr()[0])
+        if coba_values := balancer.after_step(state.step, model, accelerator.device):
+            spec.task_weights = balancer.weights
+            log.write(state.step, coba_values)
+        state.extra = balancer.state_dict()
         if state.step % cfg.train.eval_every == 0 or state.step == total_steps:
             metrics = evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size)
             log.write(state.step, metrics)

@@ -21,7 +21,7 @@ from mftune.loss.weighting import (
     select_targets,
     token_coefficients,
 )
-from mftune.model.backbone import hidden_states, output_head
+from mftune.model.backbone import forward_hidden, output_head
 from mftune.train.distributed import backend_loss_scale
 
 
@@ -41,21 +41,30 @@ class TokenLosses:
     loss: torch.Tensor  # (N,) float32 cross entropy
     correct: torch.Tensor  # (N,) bool
     targets: object  # mftune.loss.weighting.Targets
+    router_loss: torch.Tensor | None = (
+        None  # mixture-of-experts load balancing, already scaled by its coefficient
+    )
 
 
 def token_losses(model: torch.nn.Module, batch: dict, chunk_size: int) -> TokenLosses:
     """Cross entropy of every trained target of a micro-batch, without full-vocabulary logits."""
     targets = select_targets(batch)
-    hidden = hidden_states(model, batch, packed=batch["packed"])
+    hidden, router_loss = forward_hidden(model, batch, packed=batch["packed"])
     config = getattr(model, "config", None)
     loss, correct = lm_head_loss(
         output_head(model), hidden[targets.positions], targets.token_ids, chunk_size, config=config
     )
-    return TokenLosses(loss, correct, targets)
+    return TokenLosses(loss, correct, targets, router_loss)
 
 
-def weighted_loss(model, batch: dict, counts: StepCounts, spec: LossSpec) -> tuple[torch.Tensor, dict]:
-    """This micro-batch's share of the step loss, and its per-task sums for logging."""
+def weighted_loss(
+    model, batch: dict, counts: StepCounts, spec: LossSpec, router_share: float = 1.0
+) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the step loss, and its per-task sums for logging.
+
+    A mixture-of-experts model's router loss is a mean per micro-batch: each micro-batch adds
+    `router_share` (1 / micro-batches of the step over all ranks) of it, so the step adds their mean.
+    """
     out = token_losses(model, batch, spec.chunk_size)
     coefficients = token_coefficients(
         out.targets, counts, spec.strategy, spec.task_weights.to(out.loss.device)
@@ -64,7 +73,10 @@ def weighted_loss(model, batch: dict, counts: StepCounts, spec: LossSpec) -> tup
     weight_mass = torch.zeros(len(spec.task_weights), device=out.loss.device)
     weight_mass.index_add_(0, out.targets.task_ids, coefficients.detach())
     sums["weight"] = weight_mass
-    return (coefficients * out.loss).sum(), sums
+    loss = (coefficients * out.loss).sum()
+    if out.router_loss is not None:
+        loss = loss + router_share * out.router_loss
+    return loss, sums
 
 
 @dataclass
@@ -93,6 +105,8 @@ def train_step(
     num_tasks = len(spec.task_weights)
     counts = reduce_counts(count_step(micro_batches, num_tasks), lambda t: accelerator.reduce(t, "sum"))
     scale = backend_loss_scale(accelerator)
+    # Ranks hold the same number of micro-batches except perhaps on an epoch's last step.
+    router_share = 1.0 / max(1, len(micro_batches) * accelerator.num_processes)
     step_loss = torch.zeros((), device=accelerator.device)
     input_tokens = torch.tensor(
         float(sum(int(b["attention_mask"].sum()) for b in micro_batches)), device=accelerator.device
@@ -102,7 +116,7 @@ def train_step(
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss, sums = weighted_loss(model, batch, counts, spec)
+            loss, sums = weighted_loss(model, batch, counts, spec, router_share)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
         for key, value in sums.items():

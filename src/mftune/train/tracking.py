@@ -34,6 +34,8 @@ class MetricsWriter:
         self.tb = _tensorboard_writer(Path(output_dir) / "tensorboard") if tensorboard else None
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        if not values:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
