@@ -431,3 +431,12 @@ def test_every_field_is_described() -> None:
         return out
 
     assert undescribed(Config) == []
+
+
+def test_sampling_weights_on_some_tasks_only_are_refused(tmp_path: Path) -> None:
+    raw = _minimal()
+    raw["data"]["tasks"]["b"] = {"path": "data/b", "sampling_weight": 2.0}
+    message = _error(_write(tmp_path, raw))
+    assert "data.tasks.a.sampling_weight" in message and "set for b but not for a" in message
+    raw["data"]["tasks"]["a"]["sampling_weight"] = 1.0
+    assert load_config(_write(tmp_path, raw)).data.tasks["a"].sampling_weight == 1.0

@@ -119,6 +119,10 @@ def test_errors_listed_with_file_line_and_field_or_skipped(tmp_path, tokenizer, 
         ("data.jsonl", 5, "messages[0]"),
     ]
     assert "data.jsonl:3: field 'messages[1].content'" in str(info.value)
+    assert (
+        "data.jsonl:2: invalid JSON" in str(info.value)
+        and "(messages format)" not in str(info.value).split("data.jsonl:3")[0]
+    )
 
     skipped = prepare_data(
         load_config(write_config(tmp_path, tokenizer_dir, tasks, on_error="skip")), tokenizer

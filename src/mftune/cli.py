@@ -113,16 +113,18 @@ def _data_validate(args) -> int:
     if cached:
         print(f"\nfrom cache ({cfg.data.cache_dir}): {', '.join(cached)}")
     errors = data.errors()
-    if not errors:
+    if errors:
+        print(f"\n{len(errors)} bad record(s):", file=sys.stderr)
+        for error in errors:
+            print(f"  {error}", file=sys.stderr)
+        if cfg.data.on_error == "skip":
+            print("data.on_error is 'skip': training skips them (counted above)", file=sys.stderr)
+    else:
         print("\nno errors")
-        return 0
-    print(f"\n{len(errors)} bad record(s):", file=sys.stderr)
-    for error in errors:
-        print(f"  {error}", file=sys.stderr)
-    if cfg.data.on_error == "skip":
-        print("data.on_error is 'skip': training skips them (counted above)", file=sys.stderr)
-        return 0
-    return 1
+    empty = [t.name for t in data.tasks if len(t.train) == 0]
+    if empty:
+        print(f"error: no training sample left in task(s) {', '.join(empty)}", file=sys.stderr)
+    return 1 if empty or (errors and cfg.data.on_error == "fail") else 0
 
 
 def _data_inspect(args) -> int:

@@ -199,6 +199,13 @@ class DataConfig(_Section):
         for name in tasks:
             if not name or not set(name) <= _TASK_NAME_CHARS:
                 raise field_error(name, "task names may only use letters, digits, '_', '.' and '-'")
+        weighted = [name for name, task in tasks.items() if task.sampling_weight is not None]
+        if weighted and len(weighted) != len(tasks):
+            missing = [name for name in tasks if name not in weighted]
+            raise field_error(
+                f"{missing[0]}.sampling_weight",
+                f"set for {', '.join(weighted)} but not for {', '.join(missing)}: give every task one, or none",
+            )
         return tasks
 
 

@@ -212,7 +212,12 @@ def _tokenize_chunk(job: tuple[int, str, str, list[tuple[int, Any]]]) -> dict[st
     for line, item in items:
         counts["records"] += 1
         try:
-            conversation = parse_record(decode_item(item), fmt)
+            record = decode_item(item)
+        except RecordError as e:
+            errors.append(DataError(path, line, e.field, e.reason))
+            continue
+        try:
+            conversation = parse_record(record, fmt)
             sample = tokenize_rendered(
                 s.tokenizer, render(s.template, conversation, s.stop_token), s.max_len, s.overlong
             )
