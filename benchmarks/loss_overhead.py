@@ -10,13 +10,19 @@ weights at the start and the same batches:
 - (c) `mftune.train.step.train_step` for each strategy (`token`, `sample`, `task`, `task_sample`):
   step counts, coefficients, Σ c·ℓ and the per-task sums it logs.
 
-Every variant owns a copy of the model and an AdamW optimizer (then gradient clipping and a scheduler
-step, as in `train_step`). Variants run interleaved, a few steps each per round in a rotating order, so
-that drift of a shared machine falls on all of them alike. It also times the weighting alone (counts and
-coefficients of a step, no model) and reports it as a share of a step.
+Every variant owns a copy of the model (the same initial weights) and an AdamW optimizer, followed by
+gradient clipping and a scheduler step as in `train_step`. The variants take turns step by step, in an
+order that rotates, and each is compared with the reference step by step (the median of the per-step
+ratios), so that the drift of a shared machine falls on all of them alike. The weighting alone (counts and
+coefficients of a step, no model) is timed separately and reported as a share of a step: an end-to-end
+difference of a few percent is within the noise of a busy machine, this share is not.
 
-    python benchmarks/loss_overhead.py                       # about 2-3 minutes on 2 cores
-    python benchmarks/loss_overhead.py --steps 10 --warmup 2 # a quick check
+    python benchmarks/loss_overhead.py                        # 35 steps x 6 variants; minutes on 2 cores
+    python benchmarks/loss_overhead.py --steps 6 --warmup 1   # a quick check
+    python benchmarks/loss_overhead.py --threads 1            # on a machine that other jobs share
+
+With more torch threads than idle cores, OpenMP threads wait on each other and steps get several times
+slower and much noisier; the header prints the load average to check.
 """
 
 from __future__ import annotations
@@ -78,11 +84,11 @@ def write_config(workdir: Path, model_dir: Path, args: argparse.Namespace) -> Pa
     return path
 
 
-def build_steps(cfg, num_steps: int) -> tuple[list[list[dict]], torch.Tensor, int]:
+def build_steps(cfg, num_steps: int) -> tuple[list[list[dict]], torch.Tensor]:
     """Collated micro-batches of the first `num_steps` optimizer steps of epoch 0, and the task weights.
 
     Returns:
-        `(steps, task_weights, pad_id)`.
+        `(steps, task_weights)`: per step its micro-batches; the tasks' `loss_weight`s, shape (K,).
     """
     from mftune.data.pipeline import load_tokenizer, prepare_data
     from mftune.train.batches import BatchPlan, collate, rows_for_step, steps_in_epoch
@@ -94,9 +100,12 @@ def build_steps(cfg, num_steps: int) -> tuple[list[list[dict]], torch.Tensor, in
     available = steps_in_epoch(len(rows), plan)
     if available < num_steps:
         raise SystemExit(f"the example data gives {available} steps, fewer than the {num_steps} asked")
-    steps = [[collate(data, r, tokenizer.pad_token_id) for r in rows_for_step(rows, s, plan)] for s in range(num_steps)]
+    steps = [
+        [collate(data, r, tokenizer.pad_token_id) for r in rows_for_step(rows, s, plan)]
+        for s in range(num_steps)
+    ]
     weights = torch.tensor([t.loss_weight for t in data.tasks], dtype=torch.float32)
-    return steps, weights, tokenizer.pad_token_id
+    return steps, weights
 
 
 class IdentityAccelerator:
@@ -124,21 +133,15 @@ class IdentityAccelerator:
 
 @dataclass
 class Variant:
-    """One way of training a step, on its own copy of the model and optimizer."""
+    """One way of training a step, on its own copy of the model and optimizer.
+
+    `wall` and `cpu` hold the seconds of each timed step, in step order (the same steps for every variant).
+    """
 
     name: str
     step: Callable[[list[dict]], None]
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def median_ms(self) -> float:
-        return 1000 * statistics.median(self.times)
-
-    def quartiles_ms(self) -> tuple[float, float]:
-        if len(self.times) < 2:
-            return self.median_ms, self.median_ms
-        q = statistics.quantiles(self.times, n=4)
-        return 1000 * q[0], 1000 * q[2]
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
 
 def _trainer(base_model: torch.nn.Module):
@@ -162,7 +165,7 @@ def _finish(model, optimizer, scheduler) -> None:
 
 
 def full_logits_variant(base_model) -> Variant:
-    """(a) transformers' own loss: full logits, mean cross entropy, summed over accumulation."""
+    """(a) transformers' own loss: full logits, mean cross entropy of each micro-batch, averaged."""
     model, optimizer, scheduler = _trainer(base_model)
 
     def step(micro_batches: list[dict]) -> None:
@@ -218,25 +221,22 @@ def mftune_variant(base_model, strategy: str, task_weights: torch.Tensor, chunk_
 # --- measurement ----------------------------------------------------------------------------------
 
 
-def run_interleaved(variants: list[Variant], steps: list[list[dict]], warmup: int, rounds: int) -> None:
-    """Warm every variant up, then time `len(steps) - warmup` steps of each in `rounds` rotating rounds.
+def run_interleaved(variants: list[Variant], steps: list[list[dict]], warmup: int) -> None:
+    """Run every step with every variant, the variants in an order that rotates from step to step.
 
-    Every variant trains on the same steps in the same order; round r gives each variant the same slice.
+    The first `warmup` steps are not timed. Step i of every variant runs within seconds of step i of the
+    others, so comparing them step by step cancels the drift of a shared machine.
     """
-    for i in range(warmup):
-        for variant in variants:
-            variant.step(steps[i])
-    timed = list(range(warmup, len(steps)))
-    per_round = -(-len(timed) // rounds)
-    for r in range(rounds):
-        chunk = timed[r * per_round : (r + 1) * per_round]
-        shift = r % len(variants)
+    for i, micro_batches in enumerate(steps):
+        shift = i % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            for i in chunk:
-                start = time.perf_counter()
-                variant.step(steps[i])
-                variant.times.append(time.perf_counter() - start)
-        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            wall, cpu = time.perf_counter(), time.process_time()
+            variant.step(micro_batches)
+            if i >= warmup:
+                variant.wall.append(time.perf_counter() - wall)
+                variant.cpu.append(time.process_time() - cpu)
+        if (i + 1) % 5 == 0 or i + 1 == len(steps):
+            print(f"  step {i + 1}/{len(steps)} of every variant done", file=sys.stderr, flush=True)
 
 
 def weighting_only_ms(
@@ -270,42 +270,59 @@ def weighting_only_ms(
                 per_task_sums(loss, loss > 0, targets, num_tasks)
                 torch.zeros(num_tasks).index_add_(0, targets.task_ids, c)
 
-    results = []
-    for bookkeeping in (False, True):
-        per_step = []
-        for _ in range(repeats):
+    per_step: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):  # the two measurements alternate, so that drift falls on both
+        for bookkeeping in (False, True):
             start = time.perf_counter()
             for micro_batches in steps:
                 coefficients(micro_batches, bookkeeping)
-            per_step.append((time.perf_counter() - start) / len(steps))
-        results.append(1000 * statistics.median(per_step))
-    return results[0], results[1]
+            per_step[bookkeeping].append((time.perf_counter() - start) / len(steps))
+    return _median_ms(per_step[False]), _median_ms(per_step[True])
 
 
 # --- report ---------------------------------------------------------------------------------------
 
 
+def _median_ms(seconds: list[float]) -> float:
+    return 1000 * statistics.median(seconds)
+
+
+def _paired(times: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile over the steps of `times[i] / reference[i] - 1`, in %."""
+    ratios = [100 * (t / r - 1) for t, r in zip(times, reference, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), low, high
+
+
 def markdown_table(variants: list[Variant], weighting: dict[str, tuple[float, float]]) -> str:
-    full, chunked = variants[0].median_ms, variants[1].median_ms
+    """One row per variant; differences are step-by-step against (b) and (a), the median and its IQR."""
+    full, chunked = variants[0], variants[1]
     lines = [
-        "| variant | median ms/step | p25-p75 ms | vs (b) | vs (a) | weighting alone ms (% of step) "
-        "| + logging sums ms (% of step) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | wall ms/step | CPU ms/step | vs (b), wall | vs (b), CPU | vs (a), wall "
+        "| weighting alone, ms (% of step) | + logging sums, ms (% of step) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in variants:
-        median = variant.median_ms
-        low, high = variant.quartiles_ms()
+        wall = _median_ms(variant.wall)
+        cells = [variant.name, f"{wall:.0f}", f"{_median_ms(variant.cpu):.0f}"]
+        for times, reference in (
+            (variant.wall, chunked.wall),
+            (variant.cpu, chunked.cpu),
+            (variant.wall, full.wall),
+        ):
+            if times is reference:
+                cells.append("-")
+            else:
+                median, low, high = _paired(times, reference)
+                cells.append(f"{median:+.1f}% [{low:+.1f}, {high:+.1f}]")
         strategy = variant.name.rsplit("loss=", 1)[-1] if "loss=" in variant.name else None
         if strategy in weighting:
-            coeff, book = weighting[strategy]
-            alone = f"{coeff:.2f} ({100 * coeff / median:.2f}%)"
-            logged = f"{book:.2f} ({100 * book / median:.2f}%)"
+            cells += [f"{ms:.2f} ({100 * ms / wall:.2f}%)" for ms in weighting[strategy]]
         else:
-            alone = logged = "-"
-        lines.append(
-            f"| {variant.name} | {median:.1f} | {low:.1f}-{high:.1f} | {100 * (median / chunked - 1):+.1f}% "
-            f"| {100 * (median / full - 1):+.1f}% | {alone} | {logged} |"
-        )
+            cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -337,44 +354,59 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     )
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     cfg = load_config(write_config(workdir, model_dir, args))
-    steps, task_weights, _ = build_steps(cfg, args.warmup + args.steps)
+    steps, task_weights = build_steps(cfg, args.warmup + args.steps)
     chunk_size = 2048  # LossSpec's default, as a training run uses
 
     variants = [full_logits_variant(base), chunked_mean_variant(base, chunk_size)]
     variants += [mftune_variant(base, s, task_weights, chunk_size) for s in STRATEGIES]
     params = sum(p.numel() for p in base.parameters())
 
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(
         f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load}"
+        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {_load()}"
     )
-    print(f"torch {torch.__version__}, transformers {_version('transformers')}, python {platform.python_version()}")
+    print(
+        f"torch {torch.__version__}, transformers {_version('transformers')}, python {platform.python_version()}"
+    )
     print(
         f"model: tiny llama, hidden {args.hidden_size}, {args.num_layers} layers, vocab {base.config.vocab_size}, "
         f"{params / 1e6:.2f}M parameters, fp32, sdpa"
     )
-    print(f"data: {len(task_weights)} example tasks, isolated packing at {args.max_seq_len}; {describe_steps(steps)}")
     print(
-        f"timing: {args.warmup} warm-up + {args.steps} timed steps per variant, {args.rounds} interleaved rounds",
+        f"data: {len(task_weights)} example tasks, isolated packing at {args.max_seq_len}; {describe_steps(steps)}"
+    )
+    print(
+        f"timing: {args.warmup} warm-up + {args.steps} timed steps per variant, interleaved step by step",
         flush=True,
     )
 
     start = time.perf_counter()
-    run_interleaved(variants, steps, args.warmup, args.rounds)
+    run_interleaved(variants, steps, args.warmup)
     timed_steps = steps[args.warmup :]
-    weighting = {s: weighting_only_ms(timed_steps, s, task_weights, args.weighting_repeats) for s in STRATEGIES}
-    print(f"measured in {time.perf_counter() - start:.0f} s\n")
+    weighting = {
+        s: weighting_only_ms(timed_steps, s, task_weights, args.weighting_repeats) for s in STRATEGIES
+    }
+    print(f"measured in {time.perf_counter() - start:.0f} s; load average now {_load()}\n")
     print(markdown_table(variants, weighting))
-    worst = max(v.median_ms for v in variants[2:])
-    overhead = 100 * (worst / variants[1].median_ms - 1)
+    chunked = _median_ms(variants[1].wall)
     costliest = max(book for _, book in weighting.values())
+    end_to_end = [_paired(v.wall, variants[1].wall)[0] for v in variants[2:]]
     print(
-        f"\nslowest strategy vs (b): {overhead:+.1f}% of a step (goal < 3%); "
-        f"weighting + logging sums alone: at most {costliest:.2f} ms "
-        f"= {100 * costliest / variants[1].median_ms:.2f}% of a (b) step"
+        "\nvs columns: median over the timed steps of (variant / reference - 1), step by step, [25th, 75th "
+        "percentile]. Weighting alone: count_step + reduce_counts + select_targets + token_coefficients of a "
+        "step, no model; + logging sums adds Σ c·ℓ, per_task_sums and the weight mass of weighted_loss."
     )
+    print(
+        f"goal: weighting < 3% of a step over a plain mean cross entropy. Weighting and logging sums alone "
+        f"cost at most {costliest:.2f} ms = {100 * costliest / chunked:.2f}% of a (b) step; end to end, "
+        f"train_step vs (b) measured {min(end_to_end):+.1f}% to {max(end_to_end):+.1f}% (medians; see their "
+        "spread above for this machine's noise)."
+    )
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _version(package: str) -> str:
@@ -387,20 +419,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-size", type=int, default=256, help="tiny llama hidden size (default 256)")
     parser.add_argument("--num-layers", type=int, default=4, help="tiny llama layers (default 4)")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per variant (default 30)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="timed optimizer steps per variant (default 30)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default 5)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--max-seq-len", type=int, default=256, help="packed row length (default 256)")
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per micro-batch (default 8)")
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per step (default 2)")
     parser.add_argument(
-        "--weighting-repeats", type=int, default=20, help="passes of the weighting-only timing (default 20)"
+        "--weighting-repeats", type=int, default=50, help="passes of the weighting-only timing (default 50)"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="model weights seed")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--steps and --rounds must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1, --warmup at least 0")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
