@@ -168,8 +168,9 @@ def build_task(
         jobs += [(file_index, str(path), fmt, items[i : i + _CHUNK]) for i in range(0, len(items), _CHUNK)]
 
     if num_proc > 1 and len(jobs) > 1:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=(settings,)) as pool:
+        # Spawned workers start clean: forking a process whose torch or tokenizer thread pools are already
+        # running can deadlock the children.
+        with mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(settings,)) as pool:
             results = list(pool.imap(_tokenize_chunk, jobs))
     else:
         _init_worker(settings)
@@ -199,7 +200,7 @@ _WORKER: dict[str, TokenizeSettings] = {}
 
 
 def _init_worker(settings: TokenizeSettings) -> None:
-    # Tokenizers' own thread pool does not survive fork; the processes are the parallelism here.
+    # One process per core: the tokenizer's own thread pool would only compete with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["settings"] = settings
 
