@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune a model on the config's tasks (here or under accelerate)"
     )
     _config_args(train)
+    _launch_args(commands)
 
     data = commands.add_parser("data", help="check and look at the training data").add_subparsers(
         dest="data_command", required=True
@@ -55,17 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_args(commands) -> None:
+    from mftune.launch import NAMED_CONFIGS
+
+    launch = commands.add_parser(
+        "launch", help="run `train` on many GPUs or machines through `accelerate launch`"
+    )
+    _config_args(launch)
+    launch.add_argument(
+        "--accelerate",
+        required=True,
+        metavar="NAME|FILE",
+        help=f"a shipped accelerate config ({', '.join(NAMED_CONFIGS)}) or an accelerate config file",
+    )
+    launch.add_argument(
+        "--num-processes",
+        type=int,
+        help="processes over all machines (default: every GPU of every machine; 1 without GPUs)",
+    )
+    launch.add_argument("--num-machines", type=int, default=1, help="machines (default 1)")
+    launch.add_argument("--machine-rank", type=int, default=0, help="this machine's index (default 0)")
+    launch.add_argument("--main-process-ip", help="address of machine 0 (several machines)")
+    launch.add_argument("--main-process-port", type=int, help="rendezvous port on machine 0 (default 29500)")
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML or JSON config (mftune's, or an MFTCoder train config)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     from mftune.config import ConfigError
 
     handlers = {
         ("train", None): _train,
+        ("launch", None): _launch,
         ("data", "validate"): _data_validate,
         ("data", "inspect"): _data_inspect,
         ("merge", None): _merge,
@@ -80,6 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse `argv`; `key.path=value` overrides may also follow options (`CONFIG --opt x a.b=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _train(args) -> int:
     from mftune.config import load_config
     from mftune.data.pipeline import DataValidationError
@@ -91,8 +127,28 @@ def _train(args) -> int:
     except DataValidationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"done: {final}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"done: {final}")
     return 0
+
+
+def _launch(args) -> int:
+    from mftune.launch import LaunchError, Topology, launch
+
+    topology = Topology(
+        num_processes=args.num_processes,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+    )
+    try:
+        return launch(args.config, args.overrides, args.accelerate, topology)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _load_data(args, *, raise_on_errors: bool):

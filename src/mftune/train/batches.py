@@ -2,6 +2,11 @@
 
 An epoch's rows are a pure function of the epoch (`MultiTaskData.epoch_rows`), so the data position of a
 run is just `(epoch, step_in_epoch)`: resuming needs no iterator state, only those two numbers.
+
+Every rank runs the same number of forward and backward passes in a step (and in an evaluation): DDP
+syncs buffers and gradients, ZeRO-3 and FSDP gather weights, in every pass. Where a rank runs out of rows
+(an epoch's last, smaller step; a validation split with fewer rows than ranks) it gets empty micro-batches,
+which `collate_micro_batches` turns into fillers whose tokens are all untrained: they add exactly 0.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mftune.data.collate import collate_rows
+import numpy as np
+
+from mftune.data.collate import Sample, collate_rows
 from mftune.data.pipeline import MultiTaskData, Row
 
 
@@ -60,11 +67,21 @@ def rows_for_step(rows: list[Row], step_in_epoch: int, plan: BatchPlan) -> list[
     """This rank's micro-batches (lists of rows) for one optimizer step.
 
     The step's window of `global_batch` rows is dealt to ranks round-robin, so each row goes to exactly
-    one rank, then cut into micro-batches.
+    one rank, then cut into micro-batches; see `shard_micro_batches`.
     """
     window = rows[step_in_epoch * plan.global_batch : (step_in_epoch + 1) * plan.global_batch]
-    mine = window[plan.rank :: plan.world_size]
-    return [mine[i : i + plan.micro_batch] for i in range(0, len(mine), plan.micro_batch)]
+    return shard_micro_batches(window, plan.micro_batch, plan.rank, plan.world_size)
+
+
+def shard_micro_batches(rows: list[Row], micro_batch: int, rank: int, world_size: int) -> list[list[Row]]:
+    """Rank `rank`'s share of `rows` (every `world_size`-th row), cut into micro-batches.
+
+    Every rank gets the same number of micro-batches, that of rank 0 (which holds the most rows); a rank
+    with fewer rows gets empty micro-batches at the end.
+    """
+    mine = rows[rank::world_size]
+    count = math.ceil(math.ceil(len(rows) / world_size) / micro_batch)
+    return [mine[i * micro_batch : (i + 1) * micro_batch] for i in range(count)]
 
 
 def iterate_steps(
@@ -85,4 +102,28 @@ def collate(data: MultiTaskData, rows: list[Row], pad_id: int, *, valid: bool = 
         [data.row_samples(row, valid=valid) for row in rows], pad_id, isolated=data.packing != "contiguous"
     )
     batch["packed"] = data.packing != "none"
+    return batch
+
+
+def collate_micro_batches(
+    data: MultiTaskData, micro_rows: list[list[Row]], pad_id: int, *, valid: bool = False
+) -> list[dict]:
+    """Tensors of each micro-batch; an empty one becomes a filler (`filler_batch`)."""
+    return [
+        collate(data, rows, pad_id, valid=valid) if rows else filler_batch(data, pad_id)
+        for rows in micro_rows
+    ]
+
+
+def filler_batch(data: MultiTaskData, pad_id: int) -> dict:
+    """A one-token micro-batch with no trained token, marked `filler`.
+
+    Its forward and backward pass keep a rank in step with the others; its loss is exactly 0 and still
+    depends on every weight, so every gradient (all zeros) is produced as DDP expects.
+    """
+    token = np.array([pad_id], dtype=np.int32)
+    sample = Sample(input_ids=token, trained=np.zeros(1, dtype=bool), task_id=0, sample_id=-1)
+    batch = collate_rows([[sample]], pad_id, isolated=data.packing != "contiguous")
+    batch["packed"] = data.packing != "none"
+    batch["filler"] = True
     return batch

@@ -4,6 +4,10 @@ A checkpoint is written into a hidden temporary folder and renamed into place as
 process killed at any moment leaves either a complete checkpoint or none: resume never sees half of one.
 Weights are safetensors; optimizer, scheduler and RNG states are tensors and plain data loaded with
 `weights_only=True`.
+
+Under ZeRO and FSDP no rank holds the whole optimizer state (nor, under ZeRO-3 and FSDP, the weights):
+there every rank writes its own shards with `accelerator.save_state` into `accelerate_state/`, beside the
+same scheduler and trainer state files, and the main process renames the folder once all are written.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+SHARDED_STATE = "accelerate_state"
 
 
 @dataclass
@@ -102,6 +107,44 @@ def load_checkpoint(
     scheduler.load_state_dict(states["scheduler"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def save_sharded_checkpoint(accelerator, output_dir: str | Path, scheduler: Any, state: TrainerState) -> Path:
+    """Write `checkpoints/step-XXXXXXXX` from every rank at once; call it on all ranks.
+
+    Returns:
+        The checkpoint's path.
+    """
+    root = checkpoint_dir(output_dir)
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".tmp-{final.name}-sharded"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / SHARDED_STATE))
+    if accelerator.is_main_process:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded_checkpoint(accelerator, path: str | Path, scheduler: Any) -> TrainerState:
+    """Restore what `save_sharded_checkpoint` wrote (weights, optimizer, RNG, scheduler); call it on all ranks."""
+    path = Path(path)
+    accelerator.load_state(str(path / SHARDED_STATE))
+    states = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    scheduler.load_state_dict(states["scheduler"])
+    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether `path` was written by `save_sharded_checkpoint`."""
+    return (Path(path) / SHARDED_STATE).is_dir()
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from mftune.data.pipeline import MultiTaskData
-from mftune.train.batches import collate
+from mftune.train.batches import collate, filler_batch, shard_micro_batches
 from mftune.train.step import token_losses
 
 
@@ -17,8 +17,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics: `valid/<task>/{loss,accuracy,ppl}` and their task-averaged `valid/{loss,accuracy}`.
 
-    Each rank scores its share of every task's rows (a share may be empty) and sums are all-reduced, so
-    the result is the same for any number of ranks.
+    Each rank scores its share of every task's rows and sums are all-reduced, so the result is the same for
+    any number of ranks. Every rank runs as many forward passes, as DDP's buffer sync and the weight
+    gathering of ZeRO-3 and FSDP need: a short or empty share is made up with fillers that score nothing.
     """
     was_training = model.training
     model.eval()
@@ -27,9 +28,12 @@ def evaluate(
     correct = torch.zeros_like(loss_sum)
     tokens = torch.zeros_like(loss_sum)
     for task in data.tasks:
-        rows = data.valid_rows(task.task_id)[accelerator.process_index :: accelerator.num_processes]
-        for i in range(0, len(rows), micro_batch):
-            batch = collate(data, rows[i : i + micro_batch], pad_id, valid=True)
+        rows = data.valid_rows(task.task_id)
+        shard = shard_micro_batches(rows, micro_batch, accelerator.process_index, accelerator.num_processes)
+        for micro_rows in shard:
+            batch = (
+                collate(data, micro_rows, pad_id, valid=True) if micro_rows else filler_batch(data, pad_id)
+            )
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = token_losses(model, batch, chunk_size)
             task_ids = out.targets.task_ids

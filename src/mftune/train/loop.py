@@ -20,7 +20,8 @@ from mftune.config import Config, dump_config
 from mftune.data.pipeline import MultiTaskData, load_tokenizer, prepare_data
 from mftune.train import checkpoint as ckpt
 from mftune.train.balancing import TaskBalancer
-from mftune.train.batches import BatchPlan, DataPosition, collate, iterate_steps, steps_in_epoch
+from mftune.train.batches import BatchPlan, DataPosition, collate_micro_batches, iterate_steps, steps_in_epoch
+from mftune.train.distributed import configure_deepspeed, quiet_other_ranks, shards_state
 from mftune.train.evaluate import evaluate
 from mftune.train.optim import build_optimizer, build_scheduler
 from mftune.train.step import LossSpec, StepResult, train_step
@@ -35,6 +36,7 @@ def train(cfg: Config) -> Path:
     from mftune.model.load import load_model
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    quiet_other_ranks(accelerator)
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model)
@@ -51,8 +53,11 @@ def train(cfg: Config) -> Path:
     model = load_model(cfg.model, cfg.finetune, device=accelerator.device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    configure_deepspeed(
+        accelerator, micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.train.max_grad_norm
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _resume(cfg, model, optimizer, scheduler)
+    state = _resume(cfg, accelerator, model, optimizer, scheduler)
 
     if accelerator.is_main_process:
         _write_run_files(cfg, out, accelerator, data, plan, total_steps)
@@ -68,9 +73,10 @@ def train(cfg: Config) -> Path:
         log.write(0, evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size))
         log.write(0, balancer.after_step(0, model, accelerator.device))
     model.train()
-    while state.step < total_steps and not stop.requested:
+    stopping, saved_at = False, state.step  # a resumed run starts from a saved step
+    while state.step < total_steps and not stopping:
         position, rows = next(steps)
-        batches = [collate(data, r, pad_id) for r in rows]
+        batches = collate_micro_batches(data, rows, pad_id)
         result = train_step(accelerator, model, optimizer, scheduler, batches, spec, cfg.train.max_grad_norm)
         _advance(state, position, result)
         log.step(state.step, result, scheduler.get_last_lr()[0])
@@ -83,11 +89,12 @@ def train(cfg: Config) -> Path:
             log.write(state.step, metrics)
             if _early_stop(cfg, state, metrics):
                 break
-        if state.step % cfg.train.save_every == 0 or stop.requested:
+        stopping = stop.agreed(accelerator)
+        if state.step % cfg.train.save_every == 0 or stopping:
             _save(cfg, accelerator, model, optimizer, scheduler, state)
+            saved_at = state.step
 
-    latest = ckpt.latest_checkpoint(out)
-    if latest is None or latest.name != ckpt.checkpoint_name(state.step):
+    if saved_at != state.step:  # decided in memory, the same on every rank (machines may not share files)
         _save(cfg, accelerator, model, optimizer, scheduler, state)
     final = _export(accelerator, model, tokenizer, data, out / "final")
     log.close(plots=cfg.train.plots)
@@ -107,16 +114,32 @@ def _advance(state: ckpt.TrainerState, position: DataPosition, result: StepResul
     state.tokens_seen += result.num_tokens
 
 
-def _resume(cfg: Config, model, optimizer, scheduler) -> ckpt.TrainerState:
-    """The trainer state to start from: a fresh one, or the one `train.resume` points at, restored."""
+def _resume(cfg: Config, accelerator, model, optimizer, scheduler) -> ckpt.TrainerState:
+    """The trainer state to start from: a fresh one, or the one `train.resume` points at, restored.
+
+    Raises:
+        ValueError: the checkpoint was written with sharded state (ZeRO, FSDP) and this run has none,
+            or the other way round.
+    """
     resume = cfg.train.resume
     if resume == "never":
         return ckpt.TrainerState()
     path = ckpt.latest_checkpoint(cfg.train.output_dir) if resume == "auto" else Path(resume)
     if path is None:
         return ckpt.TrainerState()
-    state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
-    print(f"resumed from {path} (step {state.step})")
+    sharded = shards_state(accelerator)
+    if ckpt.is_sharded_checkpoint(path) != sharded:
+        written, now = ("with", "without") if not sharded else ("without", "with")
+        raise ValueError(
+            f"{path} was written {written} sharded state (DeepSpeed ZeRO or FSDP) and this run is {now}: "
+            "resume it with the accelerate config that wrote it"
+        )
+    if sharded:
+        state = ckpt.load_sharded_checkpoint(accelerator, path, scheduler)
+    else:
+        state = ckpt.load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler)
+    if accelerator.is_main_process:
+        print(f"resumed from {path} (step {state.step})")
     return state
 
 
@@ -137,10 +160,13 @@ def _early_stop(cfg: Config, state: ckpt.TrainerState, metrics: dict[str, float]
 
 
 def _save(cfg: Config, accelerator, model, optimizer, scheduler, state: ckpt.TrainerState) -> None:
-    if accelerator.is_main_process:
+    if shards_state(accelerator):  # every rank writes its shards
+        ckpt.save_sharded_checkpoint(accelerator, cfg.train.output_dir, scheduler, state)
+    elif accelerator.is_main_process:
         ckpt.save_checkpoint(
             cfg.train.output_dir, accelerator.unwrap_model(model), optimizer, scheduler, state
         )
+    if accelerator.is_main_process:
         ckpt.prune_checkpoints(
             cfg.train.output_dir, cfg.train.keep_last, cfg.train.keep_best, cfg.train.early_stopping.mode
         )
@@ -149,9 +175,11 @@ def _save(cfg: Config, accelerator, model, optimizer, scheduler, state: ckpt.Tra
 
 def _export(accelerator, model, tokenizer, data: MultiTaskData, folder: Path) -> Path:
     """The final model (full) or adapter (LoRA), with the tokenizer carrying the training chat template."""
+    # Under ZeRO-3 and FSDP the weights are gathered from all ranks (a collective); elsewhere rank 0 has them.
+    gathered = {"state_dict": accelerator.get_state_dict(model)} if shards_state(accelerator) else {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder, safe_serialization=True)
+        unwrapped.save_pretrained(folder, safe_serialization=True, **gathered)
         tokenizer.chat_template = data.template.chat_template()
         tokenizer.save_pretrained(folder)
         stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(data.stop_token)} - {None}
@@ -189,6 +217,13 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any rank was asked to stop; every rank calls this after each step, so all stop together."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum") > 0)
 
 
 @dataclass
@@ -265,7 +300,7 @@ class RunLog:
     def write(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             self.writer.write(step, values)
-        if "valid/loss" in values:
+        if "valid/loss" in values and self.accelerator.is_main_process:
             self.bar.write(f"step {step}: valid/loss {values['valid/loss']:.4f}")
 
     def close(self, *, plots: bool) -> None:

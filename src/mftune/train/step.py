@@ -7,7 +7,6 @@ its exact share of the step's loss and gradients simply add up.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from mftune.loss.weighting import (
     token_coefficients,
 )
 from mftune.model.backbone import forward_hidden, output_head
-from mftune.train.distributed import backend_loss_scale
+from mftune.train.distributed import backend_loss_scale, micro_batch_context
 
 
 @dataclass
@@ -100,23 +99,26 @@ def train_step(
 
     Args:
         accelerator: the run's `accelerate.Accelerator` (gradient accumulation is done here, not by it).
-        micro_batches: collated micro-batches of this rank for this step (may be empty on a rank).
+        micro_batches: collated micro-batches of this rank for this step, as many on every rank; a
+            `filler` one (see `mftune.train.batches.filler_batch`) adds nothing to loss or gradients.
     """
     num_tasks = len(spec.task_weights)
     counts = reduce_counts(count_step(micro_batches, num_tasks), lambda t: accelerator.reduce(t, "sum"))
     scale = backend_loss_scale(accelerator)
-    # Ranks hold the same number of micro-batches except perhaps on an epoch's last step.
+    # Every micro-batch but a filler adds its share of the router loss (a filler appears only on an
+    # epoch's last step, which then weighs the router loss slightly less).
     router_share = 1.0 / max(1, len(micro_batches) * accelerator.num_processes)
     step_loss = torch.zeros((), device=accelerator.device)
     input_tokens = torch.tensor(
-        float(sum(int(b["attention_mask"].sum()) for b in micro_batches)), device=accelerator.device
+        float(sum(int(b["attention_mask"].sum()) for b in micro_batches if not b.get("filler"))),
+        device=accelerator.device,
     )
     totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss, sums = weighted_loss(model, batch, counts, spec, router_share)
+        share = 0.0 if batch.get("filler") else router_share
+        with micro_batch_context(accelerator, model, sync=i == len(micro_batches) - 1):
+            loss, sums = weighted_loss(model, batch, counts, spec, share)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
         for key, value in sums.items():
@@ -128,7 +130,7 @@ def train_step(
     reduced = {k: accelerator.reduce(v.float(), "sum") for k, v in totals.items()} if totals else {}
     return StepResult(
         loss=float(accelerator.reduce(step_loss, "sum")),
-        grad_norm=float(grad_norm),
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         num_tokens=int(counts.num_tokens),
         num_input_tokens=int(accelerator.reduce(input_tokens, "sum")),
         per_task=reduced,
