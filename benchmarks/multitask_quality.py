@@ -1,0 +1,631 @@
+"""Benchmark of multi-task quality: what each task-weighting strategy does to every task's accuracy.
+
+A controlled study on the synthetic tasks of `mftune.examples_gen`: four tasks of unequal size (3000 /
+1200 / 600 / 250 training records at `--scale 1`) and difficulty, each with a held-out set whose answers
+are exact. Every run starts from the same random-weight tiny llama (built once, one seed) and uses the
+same optimizer steps, learning-rate schedule, batch and seeds (full fine-tuning):
+
+- `single-task`: one model per task, trained on that task alone (each column of that row is its own model);
+- `token`: one model on the mixed data, every token counting the same (big tasks dominate);
+- `sample`, `task` (mftune's default), `task_sample`: the other static weightings of the mixed data;
+- `coba`: convergence balancing, its step counts scaled to the run length (see below);
+- `coba-defaults`: convergence balancing with mftune's default settings.
+
+After each run it reports, per task, the exact-match accuracy of greedy generation on the held-out set
+(stripped strings compared) and the final `valid/<task>/loss` of `metrics.jsonl`, then each setup's mean
+and worst task, its training wall time (measured around `train()`), and CoBa's time overhead against
+`task`. Raw results go to `<workdir>/results.json`, the report to stdout and `<workdir>/results.md`.
+
+    python benchmarks/multitask_quality.py                    # reduced size: 2 CPU cores, under 20 minutes
+    python benchmarks/multitask_quality.py --size full        # full size: one GPU
+    python benchmarks/multitask_quality.py --strategies task coba --skip-single --steps 100   # a quick look
+
+CoBa's defaults (`warmup` 100, `update_interval` 10, `history` 200 probes) are meant for runs of a few
+thousand steps. The `coba` run scales its step counts (`warmup`, `update_interval`) by
+`steps / 2000`, the full size's length, keeping `history` in probes, so the full size runs CoBa with
+its pure defaults and the reduced size with the same proportions; `coba-defaults` runs the pure
+defaults at any size (it is skipped where the two coincide).
+
+Each run trains in a fresh process. On a CPU, `--jobs` runs train side by side, one per core with one
+torch thread each (the default there): two threads per process on a core that another process also
+uses are many times slower than one. `task` and `coba` are started first, so that with two jobs they run
+at the same time, under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import yaml
+
+TASKS = ("arithmetic", "list_ops", "write_function", "write_test")
+STATIC = ("token", "sample", "task", "task_sample")
+SETUPS = (*STATIC, "coba", "coba-defaults")
+# CoBa's defaults (mftune.config.CobaConfig) are taken to suit runs of this many steps (the full size).
+COBA_REFERENCE_STEPS = 2000
+OVERHEAD_GOAL = 0.05
+
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark size: data, model and run length."""
+
+    scale: float
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    steps: int
+    heldout: int
+    learning_rate: float
+    batch: int
+
+
+SIZES = {
+    # Two CPU cores: ten runs in two parallel lanes of about 3.5 minutes each per run.
+    "reduced": Size(
+        scale=1.0,
+        hidden_size=128,
+        num_layers=4,
+        intermediate_size=256,
+        num_heads=4,
+        steps=500,
+        heldout=200,
+        learning_rate=3e-3,
+        batch=8,
+    ),
+    # One GPU: a 30M-parameter model on four times the data, CoBa at its defaults.
+    "full": Size(
+        scale=4.0,
+        hidden_size=512,
+        num_layers=8,
+        intermediate_size=1536,
+        num_heads=8,
+        steps=COBA_REFERENCE_STEPS,
+        heldout=500,
+        learning_rate=1e-3,
+        batch=8,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its name, the tasks it trains on, its loss strategy and CoBa settings."""
+
+    name: str
+    tasks: tuple[str, ...]
+    strategy: str
+    coba: dict | None = None
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+def prepare(workdir: Path, size: Size, seed: int) -> tuple[Path, Path]:
+    """Write the task data and held-out sets, and build the base model (once, one seed).
+
+    Returns:
+        `(data_root, model_dir)`: tasks under `data_root/data/<task>/`, held-out sets in
+        `data_root/heldout/<task>.jsonl`.
+    """
+    from mftune.examples_gen import write_examples
+    from mftune.tiny import build_tiny_model
+
+    data_root = workdir / "tasks"
+    write_examples(data_root, seed=seed, scale=size.scale, num_heldout=size.heldout)
+    model_dir = build_tiny_model(
+        workdir / "base-model",
+        seed=seed,
+        hidden_size=size.hidden_size,
+        num_layers=size.num_layers,
+        num_heads=size.num_heads,
+        num_kv_heads=size.num_heads // 2,
+        intermediate_size=size.intermediate_size,
+    )
+    return data_root, model_dir
+
+
+def scaled_coba(steps: int) -> dict:
+    """CoBa's step counts scaled from its defaults by `steps / COBA_REFERENCE_STEPS` (history in probes kept)."""
+    from mftune.config import CobaConfig
+
+    defaults = CobaConfig()
+    factor = min(1.0, steps / COBA_REFERENCE_STEPS)
+    return {
+        "warmup": max(1, round(defaults.warmup * factor)),
+        "update_interval": max(1, round(defaults.update_interval * factor)),
+        "history": defaults.history,
+    }
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    """Every run, in the order they start: `task` and `coba` first, single-task runs last."""
+    from mftune.config import CobaConfig
+
+    defaults = CobaConfig()
+    scaled = scaled_coba(args.steps)
+    setups = sorted(args.strategies, key=lambda s: (s not in ("task", "coba"), SETUPS.index(s)))
+    runs = []
+    for name in setups:
+        if name == "coba":
+            runs.append(Run(name, TASKS, "coba", scaled))
+        elif name == "coba-defaults":
+            if "coba" in setups and all(getattr(defaults, k) == v for k, v in scaled.items()):
+                continue  # the scaled settings are the defaults: the same run twice
+            runs.append(Run(name, TASKS, "coba", {}))
+        else:
+            runs.append(Run(name, TASKS, name))
+    if not args.skip_single:
+        runs += [Run(f"single-{t}", (t,), "task") for t in TASKS]
+    return runs
+
+
+def write_config(
+    run: Run, workdir: Path, data_root: Path, model_dir: Path, seed: int, args: argparse.Namespace
+) -> Path:
+    """The run's mftune config; everything but the tasks, the strategy and CoBa's settings is shared."""
+    raw = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "finetune": {"method": "full"},
+        "data": {
+            "tasks": {t: {"path": str(data_root / "data" / t)} for t in run.tasks},
+            "template": {"kind": "role_markers"},
+            "max_seq_len": 256,
+            "packing": "isolated",
+            "valid_ratio": 0.05,
+            "sampling": "proportional",
+            "seed": seed,
+            "cache_dir": str(workdir / "cache"),
+            "num_proc": 1,
+        },
+        "train": {
+            "output_dir": str(workdir / "runs" / run.name),
+            "seed": seed,
+            "loss": run.strategy,
+            "max_steps": args.steps,
+            "global_batch_size": args.batch,
+            "micro_batch_size": args.batch,
+            "learning_rate": args.lr,
+            "min_lr": args.lr / 10,
+            "lr_schedule": "cosine",
+            "warmup_steps": 10,
+            # Evaluate before training and at the end only, and save once: every run pays the same.
+            "eval_every": args.steps,
+            "log_every": max(1, args.steps // 20),
+            "save_every": args.steps,
+            "keep_last": 1,
+            "resume": "never",
+            "tensorboard": False,
+            "plots": False,
+        },
+    }
+    if run.coba is not None:
+        raw["coba"] = run.coba
+    path = workdir / "configs" / f"{run.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def build_cache(configs: list[Path]) -> None:
+    """Tokenize every task once, before the runs start (side by side, they would all build it)."""
+    from mftune.config import load_config
+    from mftune.data.pipeline import load_tokenizer, prepare_data
+
+    done: set[str] = set()
+    for path in configs:
+        cfg = load_config(path)
+        if set(cfg.data.tasks) <= done:
+            continue
+        prepare_data(cfg, load_tokenizer(cfg.model))
+        done |= set(cfg.data.tasks)
+
+
+# --- one run (in its own process) -----------------------------------------------------------------
+
+
+class BalancerClock:
+    """Adds up the time spent in `TaskBalancer.after_step` (CoBa's probes and weight updates)."""
+
+    def __init__(self) -> None:
+        from mftune.train.balancing import TaskBalancer
+
+        self.seconds = 0.0
+        original = TaskBalancer.after_step
+
+        def timed(balancer, *a, **kw):
+            start = time.perf_counter()
+            try:
+                return original(balancer, *a, **kw)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.seconds += time.perf_counter() - start
+
+        TaskBalancer.after_step = timed
+
+
+def train_run(config: Path) -> tuple[Path, float, float]:
+    """Train in this process.
+
+    Returns:
+        `(final_dir, wall_seconds, balancer_seconds)`.
+    """
+    from mftune.config import load_config
+    from mftune.train.loop import train
+
+    cfg = load_config(config)
+    clock = BalancerClock()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    final = train(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return final, time.perf_counter() - start, clock.seconds
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def exact_match(final: Path, data_root: Path, tasks: tuple[str, ...], max_new_tokens: int) -> dict:
+    """Per task: greedy exact match on its held-out set, and a few wrong answers to look at."""
+    from mftune.infer.generate import generate_batch
+    from mftune.infer.load import load_for_inference
+
+    model, tokenizer = load_for_inference(final)
+    results = {}
+    for task in tasks:
+        lines = (data_root / "heldout" / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line]
+        replies = generate_batch(
+            model, tokenizer, [r["messages"] for r in records], max_new_tokens=max_new_tokens, batch_size=32
+        )
+        hits = [reply.strip() == r["answer"].strip() for reply, r in zip(replies, records, strict=True)]
+        misses = [
+            {"prompt": r["messages"][-1]["content"], "expected": r["answer"], "got": reply}
+            for reply, r, hit in zip(replies, records, hits, strict=True)
+            if not hit
+        ]
+        results[task] = {"exact": sum(hits) / len(hits), "n": len(hits), "misses": misses[:3]}
+    return results
+
+
+def measure(run: Run, config: Path, data_root: Path, threads: int | None, max_new_tokens: int) -> dict:
+    """Train one run, then score it: the run's whole result (called in a fresh process)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if threads:
+        torch.set_num_threads(threads)
+    final, wall, balancer = train_run(config)
+    start = time.perf_counter()
+    em = exact_match(final, data_root, run.tasks, max_new_tokens)
+    generation = time.perf_counter() - start
+    rows = read_metrics(final.parent)
+    last_eval = [r for r in rows if "valid/loss" in r][-1]
+    speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]
+    weights = {t: [r[f"coba/{t}/weight"] for r in rows if f"coba/{t}/weight" in r] for t in run.tasks}
+    return {
+        "name": run.name,
+        "strategy": run.strategy,
+        "tasks": list(run.tasks),
+        "coba": run.coba,
+        "steps": last_eval["step"],
+        "train_seconds": wall,
+        "balancer_seconds": balancer,
+        "generation_seconds": generation,
+        "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
+        "per_task": {
+            t: {
+                "exact": em[t]["exact"],
+                "n": em[t]["n"],
+                "valid_loss": last_eval[f"valid/{t}/loss"],
+                "misses": em[t]["misses"],
+            }
+            for t in run.tasks
+        },
+        "coba_weights": {t: w for t, w in weights.items() if w} or None,
+    }
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table: a setup's per-task results and its training time."""
+
+    name: str
+    per_task: dict[str, dict]
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return set(self.per_task) == set(TASKS)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.per_task[t]["exact"] for t in TASKS) / len(TASKS)
+
+    @property
+    def worst(self) -> tuple[float, str]:
+        task = min(TASKS, key=lambda t: self.per_task[t]["exact"])
+        return self.per_task[task]["exact"], task
+
+
+def table_rows(results: list[dict]) -> list[Row]:
+    """One row per setup; the single-task runs fold into one row (its time: all of them together)."""
+    rows = []
+    single = {r["tasks"][0]: r for r in results if r["name"].startswith("single-")}
+    if single:
+        per_task = {t: r["per_task"][t] for t, r in single.items()}
+        rows.append(Row("single-task", per_task, sum(r["train_seconds"] for r in single.values())))
+    rows += [Row(r["name"], r["per_task"], r["train_seconds"]) for r in results if r["name"] in SETUPS]
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = ["setup", *(f"{t} EM / loss" for t in TASKS), "mean EM", "worst EM", "mean loss", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.name]
+        for t in TASKS:
+            v = row.per_task.get(t)
+            cells.append(f"{v['exact']:.1%} / {v['valid_loss']:.3f}" if v else "-")
+        if row.complete:
+            worst, task = row.worst
+            loss = sum(row.per_task[t]["valid_loss"] for t in TASKS) / len(TASKS)
+            cells += [f"{row.mean:.1%}", f"{worst:.1%} ({task})", f"{loss:.3f}"]
+        else:
+            cells += ["-", "-", "-"]
+        cells.append(f"{row.seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def overhead_lines(results: list[dict]) -> list[str]:
+    """CoBa's time against `task`: wall time of the whole run, and the time measured inside CoBa."""
+    by_name = {r["name"]: r for r in results}
+    task = by_name.get("task")
+    lines = []
+    static = [by_name[s]["train_seconds"] for s in STATIC if s in by_name]
+    if len(static) > 1:
+        spread = (max(static) - min(static)) / min(static)
+        lines.append(
+            f"static strategies (same work per step): train time {min(static):.1f}-{max(static):.1f} s, "
+            f"a spread of {spread:.1%}: the timing noise of this machine"
+        )
+    for name in ("coba", "coba-defaults"):
+        coba = by_name.get(name)
+        if coba is None:
+            continue
+        settings = ", ".join(f"{k} {v}" for k, v in coba["coba"].items()) or "defaults"
+        inside = coba["balancer_seconds"] / (coba["train_seconds"] - coba["balancer_seconds"])
+        line = f"{name} ({settings}): time inside CoBa (probes and weight updates) {coba['balancer_seconds']:.1f} s = {inside:.1%} of the rest of the run"
+        if task is not None:
+            wall = (coba["train_seconds"] - task["train_seconds"]) / task["train_seconds"]
+            line += f"; wall time vs task {wall:+.1%} ({coba['train_seconds']:.1f} s vs {task['train_seconds']:.1f} s)"
+        lines.append(line)
+        if coba["coba_weights"]:
+            final = ", ".join(f"{t} {w[-1]:.2f}" for t, w in coba["coba_weights"].items())
+            mean = ", ".join(f"{t} {sum(w) / len(w):.2f}" for t, w in coba["coba_weights"].items())
+            lines.append(f"{name} task weights: final {final}; mean over the run {mean}")
+    return lines
+
+
+def goal_lines(rows: list[Row], results: list[dict]) -> list[str]:
+    """The issue's goal, checked as stated: worst task vs every static strategy, mean vs task, overhead."""
+    by_name = {r.name: r for r in rows if r.complete}
+    static = [by_name[s] for s in STATIC if s in by_name]
+    task = by_name.get("task")
+    runs = {r["name"]: r for r in results}
+    lines = []
+    for name in ("coba", "coba-defaults"):
+        coba = by_name.get(name)
+        if coba is None or not static or task is None:
+            continue
+        best_static = max(static, key=lambda r: r.worst[0])
+        worst_ok = coba.worst[0] >= best_static.worst[0]
+        mean_ok = coba.mean >= task.mean
+        r = runs[name]
+        inside = r["balancer_seconds"] / (r["train_seconds"] - r["balancer_seconds"])
+        lines.append(
+            f"{name}: worst task {coba.worst[0]:.1%} vs best static worst {best_static.worst[0]:.1%} "
+            f"({best_static.name}) {'MET' if worst_ok else 'NOT MET'}; mean {coba.mean:.1%} vs task "
+            f"{task.mean:.1%} {'MET' if mean_ok else 'NOT MET'}; measured overhead {inside:.1%} "
+            f"{'under' if inside < OVERHEAD_GOAL else 'NOT under'} {OVERHEAD_GOAL:.0%}"
+        )
+    return lines
+
+
+def machine(threads: int) -> str:
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"CPU: {os.cpu_count()} cores visible ({platform.processor() or platform.machine()}), {threads} torch thread(s) per run"
+    return f"{device}; {platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}"
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=tuple(SIZES), default="reduced", help="reduced: CPU; full: a GPU")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every run (default: the size's)")
+    parser.add_argument(
+        "--workdir", type=Path, help="for data, models and results (default: a new temp folder)"
+    )
+    parser.add_argument(
+        "--strategies", nargs="+", choices=SETUPS, default=list(SETUPS), help="mixed-data runs (default: all)"
+    )
+    parser.add_argument("--skip-single", action="store_true", help="no single-task runs")
+    parser.add_argument(
+        "--scale", type=float, help="multiplier on every task's train size (default: the size's)"
+    )
+    parser.add_argument("--heldout", type=int, help="held-out problems per task (default: the size's)")
+    parser.add_argument(
+        "--lr", type=float, help="peak learning rate, cosine to a tenth (default: the size's)"
+    )
+    parser.add_argument("--batch", type=int, help="packed rows of 256 tokens per step (default: the size's)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one replication per seed (data, base model, runs) in <workdir>/seed-N, then their mean",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest generated answer")
+    parser.add_argument(
+        "--jobs", type=int, help="runs trained at once (default: 1 on a GPU, else one per core)"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads per run on a CPU (default: cores / jobs)")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    args.size_spec = replace(
+        size,
+        steps=args.steps or size.steps,
+        scale=size.scale if args.scale is None else args.scale,
+        heldout=args.heldout or size.heldout,
+        learning_rate=args.lr or size.learning_rate,
+        batch=args.batch or size.batch,
+    )
+    args.steps, args.lr, args.batch = args.size_spec.steps, args.size_spec.learning_rate, args.size_spec.batch
+    cores = os.cpu_count() or 1
+    args.jobs = args.jobs or (1 if torch.cuda.is_available() else cores)
+    args.threads = args.threads or max(1, cores // args.jobs)
+    return args
+
+
+def run_seed(seed: int, workdir: Path, args: argparse.Namespace) -> list[dict]:
+    """Every run of one seed (its own data, base model and runs, under `workdir`), in plan order.
+
+    Runs already in `workdir/results.json` with the same settings are reused, so an interrupted
+    benchmark continues where it stopped.
+    """
+    size: Size = args.size_spec
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_root, model_dir = prepare(workdir, size, seed)
+    settings = {"spec": asdict(size), "seed": seed, "max_new_tokens": args.max_new_tokens}
+    runs = plan_runs(args)
+    configs = {run.name: write_config(run, workdir, data_root, model_dir, seed, args) for run in runs}
+    results: dict[str, dict] = {}
+    saved = workdir / "results.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        if {k: old.get(k) for k in settings} == settings:
+            wanted = {(run.name, run.strategy, json.dumps(run.coba)) for run in runs}
+            results = {
+                r["name"]: r
+                for r in old["results"]
+                if (r["name"], r["strategy"], json.dumps(r["coba"])) in wanted
+            }
+    if results:
+        print(f"seed {seed}: reusing {', '.join(results)} from {saved}", flush=True)
+    todo = [run for run in runs if run.name not in results]
+    build_cache([configs[run.name] for run in todo])
+    meta = {**settings, "size": args.size, "machine": machine(args.threads), "jobs": args.jobs}
+    # A fresh process per run: nothing (accelerate's state, seeds, allocator) leaks from one run to the next.
+    pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1)
+    with pool:
+        futures = [
+            pool.submit(measure, run, configs[run.name], data_root, args.threads, args.max_new_tokens)
+            for run in todo
+        ]
+        for future in as_completed(futures):
+            r = future.result()
+            results[r["name"]] = r
+            scores = ", ".join(
+                f"{t} {v['exact']:.0%} / {v['valid_loss']:.3f}" for t, v in r["per_task"].items()
+            )
+            print(f"seed {seed} done {r['name']}: {scores}; train {r['train_seconds']:.0f} s", flush=True)
+            saved.write_text(json.dumps({**meta, "results": list(results.values())}, indent=1))
+    return [results[run.name] for run in runs]
+
+
+def seed_report(seed: int, results: list[dict]) -> list[str]:
+    rows = table_rows(results)
+    return [f"### seed {seed}", "", table(rows), "", *overhead_lines(results), *goal_lines(rows, results), ""]
+
+
+def mean_table(by_seed: dict[int, list[dict]]) -> list[str]:
+    """Each setup's per-task exact match averaged over the seeds (with the range), and the goal per seed."""
+    tables = {seed: {row.name: row for row in table_rows(results)} for seed, results in by_seed.items()}
+    names = [name for name in next(iter(tables.values())) if all(name in t for t in tables.values())]
+    head = ["setup", *(f"{t} EM" for t in TASKS), "mean EM", "worst EM", "mean loss"]
+    lines = [
+        f"### mean over seeds {', '.join(map(str, by_seed))} (min-max over seeds)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name in names:
+        rows = [t[name] for t in tables.values()]
+        cells = [name]
+        for task in TASKS:
+            ems = [r.per_task[task]["exact"] for r in rows if task in r.per_task]
+            cells.append(f"{sum(ems) / len(ems):.1%} ({min(ems):.0%}-{max(ems):.0%})" if ems else "-")
+        if all(r.complete for r in rows):
+            means, worsts = [r.mean for r in rows], [r.worst[0] for r in rows]
+            loss = [sum(r.per_task[t]["valid_loss"] for t in TASKS) / len(TASKS) for r in rows]
+            cells += [
+                f"{sum(means) / len(means):.1%} ({min(means):.0%}-{max(means):.0%})",
+                f"{sum(worsts) / len(worsts):.1%} ({min(worsts):.0%}-{max(worsts):.0%})",
+                f"{sum(loss) / len(loss):.3f}",
+            ]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    size: Size = args.size_spec
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="mftune-multitask-"))).absolute()
+    command = shlex.join(["python", *sys.argv])
+    print(f"{command}\nworkdir {workdir}\n{machine(args.threads)}; {args.jobs} run(s) at once", flush=True)
+
+    start = time.perf_counter()
+    by_seed = {seed: run_seed(seed, workdir / f"seed-{seed}", args) for seed in args.seeds}
+    total = time.perf_counter() - start
+
+    n = min(v["n"] for results in by_seed.values() for r in results for v in r["per_task"].values())
+    report = [
+        f"command: {command}",
+        f"machine: {machine(args.threads)}; {args.jobs} run(s) at once",
+        f"size {args.size}: data scale {size.scale}, llama hidden {size.hidden_size} x {size.num_layers} "
+        f"layers, full fine-tuning, {size.steps} steps of {size.batch} packed rows of 256 tokens, lr "
+        f"{size.learning_rate:g} cosine to {size.learning_rate / 10:g}; exact match (EM) of greedy answers "
+        f"on {n} held-out problems per task (one standard error: at most {50 / n**0.5:.1f} points), "
+        "loss: final validation loss; train s: wall time of train() (single-task: the four runs together)",
+        "",
+    ]
+    for seed, results in by_seed.items():
+        report += seed_report(seed, results)
+    if len(by_seed) > 1:
+        report += mean_table(by_seed)
+    report.append(f"whole benchmark (data, models, training, generation): {total / 60:.1f} min")
+    text = "\n".join(report)
+    (workdir / "results.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
