@@ -28,8 +28,9 @@ defaults at any size (it is skipped where the two coincide).
 
 Each run trains in a fresh process. On a CPU, `--jobs` runs train side by side, one per core with one
 torch thread each (the default there): two threads per process on a core that another process also
-uses are many times slower than one. `task` and `coba` are started first, so that with two jobs they run
-at the same time, under the same load.
+uses are many times slower than one. `task` and CoBa at its default settings are started first, so
+that with two jobs they run at the same time, under the same load (each run records when it started
+and ended, `started`/`ended` in results.json).
 """
 
 from __future__ import annotations
@@ -152,22 +153,24 @@ def scaled_coba(steps: int) -> dict:
 
 
 def plan_runs(args: argparse.Namespace) -> list[Run]:
-    """Every run, in the order they start: `task` and `coba` first, single-task runs last."""
+    """Every run, in the order they start: `task`, then CoBa at its default settings (the overhead goal's
+    settings), the other mixed runs, single-task runs last."""
     from mftune.config import CobaConfig
 
     defaults = CobaConfig()
     scaled = scaled_coba(args.steps)
-    setups = sorted(args.strategies, key=lambda s: (s not in ("task", "coba"), SETUPS.index(s)))
     runs = []
-    for name in setups:
+    for name in args.strategies:
         if name == "coba":
             runs.append(Run(name, TASKS, "coba", scaled))
         elif name == "coba-defaults":
-            if "coba" in setups and all(getattr(defaults, k) == v for k, v in scaled.items()):
+            if "coba" in args.strategies and all(getattr(defaults, k) == v for k, v in scaled.items()):
                 continue  # the scaled settings are the defaults: the same run twice
             runs.append(Run(name, TASKS, "coba", {}))
         else:
             runs.append(Run(name, TASKS, name))
+    first = ("task", "coba-defaults", "coba")
+    runs.sort(key=lambda r: (first.index(r.name) if r.name in first else len(first), SETUPS.index(r.name)))
     if not args.skip_single:
         runs += [Run(f"single-{t}", (t,), "task") for t in TASKS]
     return runs
@@ -311,6 +314,7 @@ def measure(run: Run, config: Path, data_root: Path, threads: int | None, max_ne
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
+    started = time.time()
     final, wall, balancer = train_run(config)
     start = time.perf_counter()
     em = exact_match(final, data_root, run.tasks, max_new_tokens)
@@ -328,6 +332,8 @@ def measure(run: Run, config: Path, data_root: Path, threads: int | None, max_ne
         "train_seconds": wall,
         "balancer_seconds": balancer,
         "generation_seconds": generation,
+        "started": started,
+        "ended": time.time(),
         "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
         "per_task": {
             t: {
