@@ -75,7 +75,7 @@ class Size:
 
 
 SIZES = {
-    # Two CPU cores: ten runs in two parallel lanes of about 3.5 minutes each per run.
+    # Two CPU cores: ten runs, two at a time, each about 3 minutes of training on an otherwise idle machine.
     "reduced": Size(
         scale=1.0,
         hidden_size=128,
