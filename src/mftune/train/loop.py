@@ -72,6 +72,7 @@ def train(cfg: Config) -> Path:
     if state.step == 0:  # the baseline every later evaluation is read against
         log.write(0, evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size))
         log.write(0, balancer.after_step(0, model, accelerator.device))
+        state.extra = balancer.state_dict()
     model.train()
     stopping, saved_at = False, state.step  # a resumed run starts from a saved step
     while state.step < total_steps and not stopping:
@@ -82,8 +83,8 @@ def train(cfg: Config) -> Path:
         log.step(state.step, result, scheduler.get_last_lr()[0])
         if coba_values := balancer.after_step(state.step, model, accelerator.device):
             spec.task_weights = balancer.weights
+            state.extra = balancer.state_dict()  # the balancer only changes when it observes
             log.write(state.step, coba_values)
-        state.extra = balancer.state_dict()
         if state.step % cfg.train.eval_every == 0 or state.step == total_steps:
             metrics = evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size)
             log.write(state.step, metrics)
