@@ -126,6 +126,14 @@ def run_bounded(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, proc.returncode, out)
 
 
+def _wait_for_logged_steps(proc: subprocess.Popen, run: Path, steps: int) -> None:
+    """Block until `run` has logged `steps` training steps; fail if the process dies or TIMEOUT passes."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(train_losses(run) if (run / "metrics.jsonl").exists() else []) < steps:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
     """Kill a launch still running and every process it started (launchers give workers sessions of their own)."""
     import psutil
@@ -350,10 +358,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, tiny_m
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "term"
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while len(train_losses(run) if (run / "metrics.jsonl").exists() else []) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        _wait_for_logged_steps(proc, run, 2)
         workers = psutil.Process(proc.pid).children(recursive=True)
         rank1 = [w for w in workers if w.environ().get("RANK") == "1"]
         assert len(rank1) == 1
@@ -406,10 +411,7 @@ def test_launch_passes_sigterm_to_the_training_processes(tmp_path, tiny_model_di
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "term"
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while len(train_losses(run) if (run / "metrics.jsonl").exists() else []) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        _wait_for_logged_steps(proc, run, 2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 0
     finally:
