@@ -306,7 +306,11 @@ class CobaConfig(_Section):
     history: int = Field(200, ge=2, description="Probe evaluations in the sliding window of the slope fits.")
     tau: float = Field(5.0, gt=0, description="Temperature of the divergence factor.")
     update_interval: int = Field(10, ge=1, description="Optimizer steps between probe evaluations.")
-    probe_batches: int = Field(1, ge=1, description="Batches per task in each probe evaluation.")
+    probe_batches: int = Field(
+        1,
+        ge=1,
+        description="Validation rows per task in the fixed probe set (packed rows: each holds several samples).",
+    )
     floor: float | None = Field(
         None, ge=0, lt=1, description="Smallest task weight; null: 1/(10K) for K tasks."
     )
