@@ -82,6 +82,27 @@ def test_steady_convergence_keeps_df_at_one_and_rcs_favours_the_plateauing_task(
     assert weights[1] > weights[2] > weights[0]
 
 
+def test_decelerating_convergence_hands_control_to_acs() -> None:
+    # Ordinary fine-tuning curves: every task falls exponentially towards a floor, at different
+    # rates, and none diverges. The worst slope rises towards 0 as the losses flatten, which the
+    # divergence factor (the same expression as MFTCoder's) reads as the worst task turning up:
+    # DF drops to ~0, so ACS, not RCS, sets the weights from then on (docs/multitask-quality.md).
+    # Computed independently: DF = T · softmax(-τ·T·α_max / Σ|α_max|)[T] from the α_max history.
+    curves = [lambda t, rate=rate: 0.3 + 0.7 * math.exp(-t / rate) for rate in (15.0, 40.0, 80.0)]
+    balancer = _balancer(warmup=10, history=10)
+    _feed(balancer, curves, range(120))
+    max_slopes = np.array(balancer.state_dict()["max_slope_history"])
+    logits = -5.0 * max_slopes.size * max_slopes / np.abs(max_slopes).sum()
+    expected = max_slopes.size * np.exp(logits[-1] - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert np.all(np.diff(max_slopes) > 0)  # the worst slope only ever flattens
+    df = balancer.diagnostics()["df"][0]
+    assert df == pytest.approx(min(expected, 1.0), rel=1e-9, abs=1e-15)
+    assert df < 0.01
+    diag = balancer.diagnostics()
+    mixed = [df * r + (1 - df) * a for r, a in zip(diag["rcs"], diag["acs"], strict=True)]
+    assert balancer.weights.tolist() == pytest.approx(_softmax([3 * m for m in mixed]), abs=1e-6)
+
+
 def _softmax(logits: list[float]) -> list[float]:
     exps = [math.exp(x) for x in logits]
     return [e / sum(exps) for e in exps]
