@@ -589,3 +589,212 @@ def test_sharded_checkpoint_format_resumes_exactly(monkeypatch, tmp_path, tiny_m
     monkeypatch.setattr(loop, "shards_state", lambda accelerator: False)
     with pytest.raises(ValueError, match="sharded state"):
         train(load_config(make_config(tmp_path, tiny_model_dir, "resumed"), ["train.max_steps=6"]))
+
+
+# --- sharded weights: FSDP2 and ZeRO-3 around mftune's step, on CPU --------------------------------------
+
+# accelerate runs FSDP and DeepSpeed only on GPUs (on CPUs it falls back to DDP), so this driver shards the
+# model itself (`fully_shard`, or `deepspeed.initialize`) and gives `train_step` a stand-in for the few
+# `Accelerator` members it uses, each doing what accelerate does for that backend. Under torchrun it trains
+# 2 steps with each variant named in argv and saves the step results and full weights; imported, `train`
+# runs the same steps in one process. Micro-batches hold different numbers of targets, and rank 1 trains a
+# filler, so the ranks run different numbers of loss chunks.
+_SHARDED_DRIVER = """
+import contextlib, os, sys
+from types import SimpleNamespace
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+import mftune.train.step as step_module
+from mftune.data.collate import Sample, collate_rows
+
+SPEC = step_module.LossSpec("task", torch.tensor([1.0, 2.0]), chunk_size=8)
+MAX_GRAD_NORM = 1e6  # no clipping: an update scaled wrongly shows in the weights
+
+
+def micro_batches(step, rank, world):
+    rng = np.random.default_rng(step)
+    batches = []
+    for _ in range(3):
+        rows = []
+        for _ in range(2):
+            n = int(rng.integers(6, 30))
+            sample = Sample(rng.integers(10, 4000, n).astype(np.int32), rng.random(n) < 0.7, int(rng.integers(0, 2)), 0)
+            rows.append([sample])
+        batches.append({**collate_rows(rows, pad_id=2), "packed": True})
+    if world == 1:
+        return batches
+    pad = Sample(np.array([2], dtype=np.int32), np.zeros(1, dtype=bool), 0, -1)
+    filler = {**collate_rows([[pad]], pad_id=2), "packed": True, "filler": True}
+    return [batches[:2], [batches[2], filler]][rank]
+
+
+class StandIn:
+    device = torch.device("cpu")
+
+    def __init__(self, backend, world, engine=None):
+        self.distributed_type = SimpleNamespace(name=backend)
+        self.num_processes = world
+        self.engine = engine
+        self.sync_gradients = True
+
+    def reduce(self, tensor, reduction):
+        if self.num_processes > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    @contextlib.contextmanager
+    def no_sync(self, model):
+        if self.distributed_type.name == "FSDP":
+            model.set_requires_gradient_sync(False)
+        yield  # ZeRO-3 reduces in every backward
+        if self.distributed_type.name == "FSDP":
+            model.set_requires_gradient_sync(True)
+
+    def backward(self, loss):
+        if self.engine is None:
+            loss.backward()
+        else:
+            from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+            DeepSpeedEngineWrapper(self.engine).backward(loss, sync_gradients=self.sync_gradients)
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        if self.engine is not None:
+            return self.engine.get_global_grad_norm()
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def build(variant, model_dir, world):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if variant.startswith("fsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        if variant == "fsdp-head":  # its own unit, resharded after each call: sharded when the loss runs
+            fully_shard(model.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    # SGD: the weights then differ only as the gradients do (Adam amplifies rounding of near-zero ones).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if variant != "zero3":
+        return model, optimizer, StandIn("FSDP" if variant.startswith("fsdp") else "NO", world)
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "train_batch_size": 2 * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": MAX_GRAD_NORM,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # accelerate's optimizer wrapper: DeepSpeed steps and zeroes inside `backward`
+    return engine, SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None), StandIn("DEEPSPEED", world, engine)
+
+
+def full_weights(model):
+    if hasattr(model, "module"):  # DeepSpeed
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+            return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(variant, model_dir, world=1, rank=0):
+    model, optimizer, accelerator = build(variant, model_dir, world)
+    scheduler = SimpleNamespace(step=lambda: None)
+    sharded_at_loss = []
+    loss_fn = step_module.lm_head_loss
+
+    def spy(head, *args, **kwargs):
+        weight = head.weight
+        sharded_at_loss.append(weight.numel() == 0 or type(weight).__name__ == "DTensor")
+        return loss_fn(head, *args, **kwargs)
+
+    step_module.lm_head_loss = spy
+    try:
+        results = [
+            step_module.train_step(accelerator, model, optimizer, scheduler, micro_batches(step, rank, world), SPEC, MAX_GRAD_NORM)
+            for step in range(2)
+        ]
+    finally:
+        step_module.lm_head_loss = loss_fn
+    return {
+        "loss": [r.loss for r in results],
+        "grad_norm": [r.grad_norm for r in results],
+        "num_tokens": [r.num_tokens for r in results],
+        "sharded_at_loss": sharded_at_loss,
+        "weights": full_weights(model),
+    }
+
+
+if __name__ == "__main__":
+    variants, model_dir, out = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+    if "zero3" in variants:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    for variant in variants:
+        result = train(variant, model_dir, dist.get_world_size(), dist.get_rank())
+        if dist.get_rank() == 0:
+            torch.save(result, os.path.join(out, variant + ".pt"))
+    dist.destroy_process_group()
+"""
+
+
+def _sharded_runs(tmp_path: Path, model_dir: Path, variants: list[str]) -> dict[str, dict]:
+    """Train each variant with 2 processes (one torchrun), and also in one process; results by name."""
+    import runpy
+
+    driver = tmp_path / "sharded_driver.py"
+    driver.write_text(_SHARDED_DRIVER)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_bounded([*argv, str(driver), ",".join(variants), str(model_dir), str(tmp_path)], tmp_path)
+    runs = {v: torch.load(tmp_path / f"{v}.pt", weights_only=True) for v in variants}
+    runs["one process"] = runpy.run_path(str(driver))["train"]("single", str(model_dir))
+    return runs
+
+
+def _assert_same_steps(runs: dict[str, dict]) -> None:
+    one = runs.pop("one process")
+    assert not any(one["sharded_at_loss"])
+    for name, run in runs.items():
+        assert run["num_tokens"] == one["num_tokens"], name
+        assert run["loss"] == pytest.approx(one["loss"], rel=1e-5), name
+        # DeepSpeed sums the squares of its partitions in another order (within 1.5e-5 here).
+        assert run["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), name
+        assert run["weights"].keys() == one["weights"].keys()
+        for key, value in one["weights"].items():
+            torch.testing.assert_close(run["weights"][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_fsdp2_step_equals_one_process(tmp_path, tiny_model_dir):
+    """FSDP2 (`fully_shard`, gloo): the head in the root unit (as accelerate wraps it) and as its own unit."""
+    runs = _sharded_runs(tmp_path, tiny_model_dir, ["fsdp", "fsdp-head"])
+    assert not any(runs["fsdp"]["sharded_at_loss"])  # the root stays unsharded between forward and backward
+    assert runs["fsdp-head"]["sharded_at_loss"] and all(runs["fsdp-head"]["sharded_at_loss"])
+    _assert_same_steps(runs)
+
+
+def test_zero3_step_equals_one_process(tmp_path, tiny_model_dir):
+    """DeepSpeed ZeRO-3 on CPU (gloo): the head's weight is an empty placeholder when the loss runs."""
+    pytest.importorskip("deepspeed")
+    runs = _sharded_runs(tmp_path, tiny_model_dir, ["zero3"])
+    # Once ZeRO-3 has traced a step, it may keep the head gathered from the model's forward to the loss
+    # (the head is used again soon); the first micro-batch of a step always finds it partitioned.
+    assert runs["zero3"]["sharded_at_loss"][0]
+    _assert_same_steps(runs)

@@ -212,6 +212,68 @@ def test_lm_head_loss_trains_a_saved_head():
     assert trained and all(p.grad is not None for p in trained)
 
 
+class _PartitionedHead(torch.nn.Module):
+    """An output head whose `weight` and `bias` are, as under DeepSpeed ZeRO-3, empty outside its forward.
+
+    The trained parameters are `full_weight` and `full_bias`; hooks put them in place for the head's own
+    forward only, as ZeRO-3 gathers a module's parameters in its forward pre-hook (also when
+    checkpointing recomputes) and frees them after. `calls` counts the forwards.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.full_weight = torch.nn.Parameter(linear.weight.detach().clone())
+        self.full_bias = torch.nn.Parameter(linear.bias.detach().clone())
+        self.calls = 0
+        self._release()
+        self.register_forward_pre_hook(lambda module, args: module._gather())
+        self.register_forward_hook(lambda module, args, output: module._release())
+
+    def _gather(self) -> None:
+        self.calls += 1
+        # Plain attributes, not registered parameters: `parameters()` yields only the full ones.
+        self.__dict__.update(weight=self.full_weight, bias=self.full_bias)
+
+    def _release(self) -> None:
+        placeholder = torch.empty(0, dtype=self.full_weight.dtype)
+        placeholder.ds_shape = self.full_weight.shape  # ZeRO-3 keeps the full shape here
+        self.__dict__.update(weight=placeholder, bias=torch.empty(0, dtype=self.full_bias.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("num_targets", [10, 0])
+def test_lm_head_loss_through_a_partitioned_head(num_targets):
+    """A head whose weight exists only in its forward gives the same losses and gradients as nn.Linear."""
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(final_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 11, dtype=torch.float64)
+    partitioned = _PartitionedHead(linear)
+    hidden = torch.randn(num_targets, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (num_targets,))
+    upstream = torch.rand(num_targets, dtype=torch.float64)
+
+    results = []
+    for head, weight, bias in (
+        (linear, linear.weight, linear.bias),
+        (partitioned, *partitioned.parameters()),
+    ):
+        loss, correct = lm_head_loss(head, hidden, targets, 3, config=config)
+        (loss * upstream).sum().backward()
+        results.append((loss, correct, *_grads(hidden, weight, bias)))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
+    assert results[1][3].shape == (11, 8)  # the weight's gradient, zeros without targets
+    # Each chunk (4, or 1 empty one) calls the head in forward and again when backward recomputes it.
+    assert partitioned.calls == (8 if num_targets else 2)
+    assert partitioned.weight.numel() == 0
+    with pytest.raises(ValueError, match="H=8"):
+        lm_head_loss(partitioned, torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+
+
 # --- targets ---------------------------------------------------------------------------
 
 
