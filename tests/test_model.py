@@ -19,6 +19,7 @@ from mftune.model import (
     resolve_attention,
     resolve_dtype,
 )
+from mftune.model.backbone import model_config
 from mftune.tiny import TINY_ARCHITECTURES, build_tiny_model
 
 CPU = torch.device("cpu")
@@ -59,7 +60,7 @@ def test_resolve_dtype_and_attention() -> None:
     assert resolve_attention("auto", CPU) == "sdpa"
     assert resolve_attention("eager", CPU) == "eager"
     with pytest.warns(UserWarning, match="varlen"):
-        assert resolve_attention("varlen", CPU) == "sdpa"
+        assert resolve_attention("varlen", CPU) == "mftune_varlen"
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
@@ -178,6 +179,9 @@ def test_hidden_states_through_ddp(tiny_model_dir: Path, tmp_path: Path) -> None
     try:
         wrapped = DistributedDataParallel(model)
         assert output_head(wrapped) is output_head(model)
+        # DDP has no `config`: the loss reads logit scaling and MoE settings through the wrapper.
+        assert getattr(wrapped, "config", None) is None
+        assert model_config(wrapped) is model.config
         hidden = hidden_states(wrapped, batch, packed=True)
         output_head(wrapped)(hidden).square().mean().backward()
     finally:

@@ -44,7 +44,8 @@ class ModelConfig(_Section):
     attention: Literal[
         "auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3", "flex_attention"
     ] = Field(
-        "auto", description="Attention implementation. auto: varlen for isolated packing on CUDA, else sdpa."
+        "auto",
+        description="Attention implementation. varlen: packed samples run as separate sequences through a variable-length kernel (torch's or flash-attn's on CUDA, else a slow reference kernel). auto: varlen for isolated packing on CUDA GPUs with such a kernel (float16/bfloat16, sm80+), else sdpa. Other names go to transformers.",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="Recompute activations in backward. auto: on for models over 1B parameters."

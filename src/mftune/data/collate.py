@@ -65,6 +65,11 @@ def collate_rows(
     - `cu_seqlens` (S+1,) int32 and `max_seqlen` (python int), only when `isolated`:
       cumulative sample lengths over the batch flattened to its real tokens, as varlen
       flash attention expects.
+    - `varlen_cu_seqlens` (S+1,) int32 and `varlen_max_seqlen` (python int), only when
+      `isolated`: the same segments over the padded batch flattened to B*T tokens, each
+      starting where `position_ids` is 0, so a row's padding extends its last sample
+      (harmless: padding comes after it and is never a target). The `mftune_varlen`
+      attention backend takes these, computed here so no kernel waits on the GPU for them.
 
     Args:
         rows: B non-empty lists of samples.
@@ -124,6 +129,9 @@ def collate_rows(
         cu_seqlens = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
         batch["cu_seqlens"] = torch.from_numpy(cu_seqlens)
         batch["max_seqlen"] = max(seqlens)
+        bounds = np.append(np.flatnonzero(position_ids.reshape(-1) == 0), position_ids.size)
+        batch["varlen_cu_seqlens"] = torch.from_numpy(bounds.astype(np.int32))
+        batch["varlen_max_seqlen"] = int(np.diff(bounds).max())
     return batch
 
 

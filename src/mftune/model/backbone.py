@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from mftune.model.attention import uses_varlen_attention, varlen_kwargs
+
 
 def output_head(model: nn.Module) -> nn.Module:
     """The output projection (`lm_head`) of a causal LM, also through a `PeftModel` and through
@@ -21,6 +23,15 @@ def output_head(model: nn.Module) -> nn.Module:
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
     return head
+
+
+def model_config(model: nn.Module):
+    """The causal LM's `PretrainedConfig`, also through distributed wrappers: DDP has no `config`
+    attribute and DeepSpeed's engine has its own, so reading `model.config` on them would silently
+    drop logit scaling and the router loss."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return getattr(extract_model_from_parallel(model), "config", None)
 
 
 def hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor], *, packed: bool) -> torch.Tensor:
@@ -38,9 +49,15 @@ def hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor], *, packed
     restart and attention is plainly causal. Padded rows (`packing: none`) pass their 2-D
     `attention_mask`. The cache is off: transformers skips packed detection when there is one.
 
+    A model running the `mftune_varlen` attention (`mftune.model.attention`) instead gets the
+    batch's `varlen_cu_seqlens` and `varlen_max_seqlen`, when the collator made them, as
+    transformers' flash-attention keyword arguments, and no mask: its kernel runs every sample
+    as its own sequence, padded rows included (their padding only follows the sample).
+
     Args:
         model: A causal LM, a `PeftModel` around one, or a distributed wrapper around either.
-        batch: `input_ids`, `position_ids` and `attention_mask`, each (B, T), as from `collate_rows`.
+        batch: `input_ids`, `position_ids` and `attention_mask`, each (B, T), and for isolated rows
+            `varlen_cu_seqlens` and `varlen_max_seqlen`, as from `collate_rows`.
         packed: Whether rows hold packed samples (isolated or contiguous) rather than one padded sample.
 
     Returns:
@@ -59,12 +76,17 @@ def forward_hidden(
         `router_aux_loss_coef` (a scalar), or None for a dense model.
     """
     input_ids = batch["input_ids"]
-    is_moe = hasattr(getattr(model, "config", None), "router_aux_loss_coef")
-    extra = {"output_router_logits": True} if is_moe else {}
+    config = model_config(model)
+    is_moe = hasattr(config, "router_aux_loss_coef")
+    extra: dict[str, object] = {"output_router_logits": True} if is_moe else {}
+    attention_mask = None if packed else batch["attention_mask"]
+    if "varlen_cu_seqlens" in batch and uses_varlen_attention(model):
+        extra |= varlen_kwargs(batch["varlen_cu_seqlens"], int(batch["varlen_max_seqlen"]))
+        attention_mask = None
     out = model(
         input_ids=input_ids,
         position_ids=batch["position_ids"],
-        attention_mask=None if packed else batch["attention_mask"],
+        attention_mask=attention_mask,
         use_cache=False,
         output_hidden_states=True,
         logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device),
@@ -72,5 +94,5 @@ def forward_hidden(
     )
     aux = getattr(out, "aux_loss", None) if is_moe else None
     if aux is not None:
-        aux = aux * model.config.router_aux_loss_coef
+        aux = aux * config.router_aux_loss_coef
     return out.hidden_states[-1], aux

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mftune.model.adapters import apply_lora
+from mftune.model.attention import cuda_varlen_kernel_available, register_varlen_attention
 
 if TYPE_CHECKING:
     from mftune.config_schema import FinetuneConfig, ModelConfig, QloraConfig
@@ -49,35 +50,50 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
-    """The transformers `attn_implementation` a `model.attention` setting means on `device`.
+def resolve_attention(
+    name: str, device: torch.device, *, packing: str | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """The transformers `attn_implementation` a `model.attention` setting means.
 
-    `auto` is sdpa for now: transformers derives a block-causal mask from restarting position ids, so
-    isolated packing is exact with sdpa (a varlen CUDA kernel only makes it faster). `varlen` is
-    flash_attention_2 (which runs packed rows as variable-length sequences) on CUDA when flash-attn
-    is installed, otherwise sdpa with a warning. Other names pass through to transformers.
+    `varlen` is mftune's `mftune_varlen` backend (`mftune.model.attention`), registered with
+    transformers here: packed samples run as separate sequences through a variable-length kernel.
+    It runs anywhere; without a CUDA kernel (on the CPU, in float32, on GPUs older than sm80)
+    it warns that its pure-torch reference kernel is only a correctness path.
+
+    `auto` is `mftune_varlen` for isolated packing on a CUDA device where torch's or flash-attn's
+    varlen kernel runs in `dtype`, and sdpa otherwise: transformers derives a block-causal mask from
+    restarting position ids, so isolated packing is exact with sdpa too, only slower. Other names
+    pass through to transformers.
 
     Args:
         name: A `ModelConfig.attention` value.
         device: Where the model will run.
+        packing: The `data.packing` mode, when known.
+        dtype: The model's weight dtype, when known.
     """
-    if name == "auto":
-        return "sdpa"
+    half = dtype in (None, torch.float16, torch.bfloat16)
     if name == "varlen":
-        from transformers.utils import is_flash_attn_2_available
-
-        if device.type == "cuda" and is_flash_attn_2_available():
-            return "flash_attention_2"
-        warnings.warn(
-            "attention 'varlen' needs CUDA and flash-attn; using sdpa (packed samples stay isolated)",
-            stacklevel=2,
-        )
+        if not (half and cuda_varlen_kernel_available(device)):
+            warnings.warn(
+                f"attention 'varlen' has no CUDA kernel on {device} in {dtype or 'this dtype'} (torch >= 2.10 "
+                "or flash-attn, float16 or bfloat16, sm80+): its reference kernel runs one sample at a time, "
+                "a correctness path slower than sdpa",
+                stacklevel=2,
+            )
+        return register_varlen_attention()
+    if name == "auto":
+        if packing == "isolated" and half and cuda_varlen_kernel_available(device):
+            return register_varlen_attention()
         return "sdpa"
     return name
 
 
 def load_model(
-    model_cfg: ModelConfig, finetune_cfg: FinetuneConfig, *, device: torch.device
+    model_cfg: ModelConfig,
+    finetune_cfg: FinetuneConfig,
+    *,
+    device: torch.device,
+    packing: str | None = None,
 ) -> torch.nn.Module:
     """Load `model_cfg.name_or_path` ready for training with `finetune_cfg.method`.
 
@@ -85,6 +101,7 @@ def load_model(
         model_cfg: The `model` config section (paths already resolved).
         finetune_cfg: The `finetune` config section.
         device: Where the model is trained.
+        packing: The `data.packing` mode, which `model.attention: auto` depends on.
 
     Returns:
         The causal LM on `device` with `config.use_cache` off: a plain model for `full`, a `PeftModel`
@@ -96,9 +113,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     method = finetune_cfg.method
+    dtype = resolve_dtype(model_cfg.dtype, device)
     kwargs = {
-        "dtype": resolve_dtype(model_cfg.dtype, device),
-        "attn_implementation": resolve_attention(model_cfg.attention, device),
+        "dtype": dtype,
+        "attn_implementation": resolve_attention(model_cfg.attention, device, packing=packing, dtype=dtype),
         "trust_remote_code": model_cfg.trust_remote_code,
     }
     if method == "qlora":

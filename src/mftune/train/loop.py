@@ -50,7 +50,7 @@ def train(cfg: Config) -> Path:
     )
     total_steps = planned_steps(cfg, data, plan)
 
-    model = load_model(cfg.model, cfg.finetune, device=accelerator.device)
+    model = load_model(cfg.model, cfg.finetune, device=accelerator.device, packing=cfg.data.packing)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     configure_deepspeed(

@@ -20,7 +20,7 @@ from mftune.loss.weighting import (
     select_targets,
     token_coefficients,
 )
-from mftune.model.backbone import forward_hidden, output_head
+from mftune.model.backbone import forward_hidden, model_config, output_head
 from mftune.train.distributed import backend_loss_scale, micro_batch_context
 
 
@@ -49,7 +49,7 @@ def token_losses(model: torch.nn.Module, batch: dict, chunk_size: int) -> TokenL
     """Cross entropy of every trained target of a micro-batch, without full-vocabulary logits."""
     targets = select_targets(batch)
     hidden, router_loss = forward_hidden(model, batch, packed=batch["packed"])
-    config = getattr(model, "config", None)
+    config = model_config(model)
     loss, correct = lm_head_loss(
         output_head(model), hidden[targets.positions], targets.token_ids, chunk_size, config=config
     )
