@@ -116,6 +116,26 @@ def test_full_and_training_settings(tiny_model_dir: Path) -> None:
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.parametrize(
+    ("adapter_dtype", "expected"), [("float32", torch.float32), ("model", torch.bfloat16)]
+)
+def test_adapter_dtype(tiny_model_dir: Path, adapter_dtype: str, expected: torch.dtype) -> None:
+    model_cfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", gradient_checkpointing="off")
+    lora = LoraConfig(r=4, alpha=8, adapter_dtype=adapter_dtype)
+    with pytest.warns(UserWarning, match="CPU"):
+        model = load_model(model_cfg, FinetuneConfig(method="lora", lora=lora), device=CPU)
+    adapters = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert adapters and set(adapters.values()) == {expected}
+    frozen = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert frozen == {torch.bfloat16}
+    batch = collate_rows([[_sample(5, 0, 3), _sample(6, 1, 4)]], pad_id=0)
+    hidden = hidden_states(model, batch, packed=True)
+    hidden.float().square().mean().backward()
+    assert all(
+        p.grad is not None and p.grad.dtype == expected for n, p in model.named_parameters() if "lora_B" in n
+    )
+
+
 def test_qlora_needs_the_gpu_extra(tiny_model_dir: Path) -> None:
     with pytest.raises(ImportError, match=r"mftune\[gpu\]|CUDA"):
         _load(tiny_model_dir, method="qlora")

@@ -72,6 +72,10 @@ class LoraConfig(_Section):
         default_factory=list,
         description="Modules trained in full and saved with the adapter (e.g. embed_tokens).",
     )
+    adapter_dtype: Literal["float32", "model"] = Field(
+        "float32",
+        description="Adapter weights in float32 (peft's default: every adapted layer then computes its adapter path in float32) or in the model's dtype (bfloat16 on most GPUs: faster and smaller, but small updates round away as in any pure-bfloat16 training).",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

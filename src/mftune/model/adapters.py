@@ -88,4 +88,6 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, *, use_dora: bool) -> Pef
         use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    # peft upcasts half-precision adapters to float32 by default, which also casts each adapted
+    # layer's input to float32; `model` keeps them in the base weights' dtype instead.
+    return get_peft_model(model, config, autocast_adapter_dtype=lora_cfg.adapter_dtype == "float32")
