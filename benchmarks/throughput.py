@@ -359,22 +359,23 @@ def observe_loaded_model(observed: dict) -> Iterator[None]:
 
 
 def mftune_steps(run_dir: Path) -> list[dict]:
-    """Per logged step of `metrics.jsonl`: input (non-padding) tokens and seconds.
+    """Per logged step of `metrics.jsonl`: input (non-padding) tokens, seconds and, on CUDA, peak GiB so far.
 
-    mftune logs rates: `tokens_per_second` (input tokens) and `trained_tokens_per_second`; with the
-    trained tokens of the step (`train/<task>/tokens`), seconds = trained / trained rate.
+    mftune logs them on every log line: `train/input_tokens`, `train/seconds` (the steps' wall time, with
+    evaluation and checkpoint saves left out) and `train/max_memory_gib` (CUDA only).
     """
     from mftune.train.tracking import read_metrics
 
-    steps = []
-    for row in read_metrics(run_dir):
-        if "tokens_per_second" not in row:
-            continue
-        trained = sum(v for k, v in row.items() if k.startswith("train/") and k.endswith("/tokens"))
-        seconds = trained / row["trained_tokens_per_second"]
-        tokens = round(row["tokens_per_second"] * seconds)
-        steps.append({"step": row["step"], "tokens": tokens, "seconds": seconds})
-    return steps
+    return [
+        {
+            "step": row["step"],
+            "tokens": row["train/input_tokens"],
+            "seconds": row["train/seconds"],
+            "peak_gib": row.get("train/max_memory_gib"),
+        }
+        for row in read_metrics(run_dir)
+        if "train/seconds" in row
+    ]
 
 
 def run_mftune(spec: dict) -> dict:
@@ -390,7 +391,15 @@ def run_mftune(spec: dict) -> dict:
             "attention": spec["attention"],
             "gradient_checkpointing": "off" if spec["setting"] == "fastest" else "on",
         },
-        "finetune": {"method": spec["method"]},
+        # Fastest: adapters in the model's dtype (bf16) rather than peft's float32 default.
+        "finetune": {
+            "method": spec["method"],
+            "lora": {
+                "r": LORA_RANK,
+                "alpha": LORA_ALPHA,
+                "adapter_dtype": "model" if spec["setting"] == "fastest" else "float32",
+            },
+        },
         "train": {"micro_batch_size": spec["micro_batch"]},
     }
     raw = mftune_config(Path(spec["workdir"]), Path(spec["model_dir"]), run_dir, profile, overrides)
@@ -398,15 +407,16 @@ def run_mftune(spec: dict) -> dict:
     (run_dir.parent / f"{run_dir.name}.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(run_dir.parent / f"{run_dir.name}.yaml")
     observed: dict = {}
-    _reset_peak(profile.device)
     with observe_loaded_model(observed):
         train(cfg)
-    peak = _peak_gib(profile.device)
     for written in ("checkpoints", "final"):  # the model copies `train` always writes
         shutil.rmtree(run_dir / written, ignore_errors=True)
+    steps = mftune_steps(run_dir)
+    # The peak of this process (a fresh one per case) up to each log line, so that of the last timed step.
+    peaks = [s["peak_gib"] for s in steps if s["step"] > profile.warmup_steps and s["peak_gib"] is not None]
     return {
-        "steps": mftune_steps(run_dir),
-        "peak_gib": peak,
+        "steps": steps,
+        "peak_gib": max(peaks, default=None),
         "accumulation": profile.rows_per_step // spec["micro_batch"],
         "metrics_path": str(run_dir / "metrics.jsonl"),
         **observed,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mftune.config import load_config
 from mftune.data.pipeline import load_tokenizer, prepare_data
-from mftune.train.batches import collate
+from mftune.train.batches import BatchPlan, DataPosition, collate, iterate_steps
 from mftune.train.checkpoint import latest_checkpoint
 from mftune.train.loop import train
 from mftune.train.step import token_losses
@@ -100,6 +100,94 @@ def test_a_step_moves_weights_and_logs_every_task(tmp_path, tiny_model_dir):
     before = load_file(next(Path(tiny_model_dir).glob("*.safetensors")))
     after = load_file(next((run / "final").glob("*.safetensors")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+def test_log_lines_report_train_seconds_and_the_input_tokens_of_their_steps(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, "run", max_steps=4, log_every=2)
+    train(load_config(config))
+    logged = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+
+    # The same steps drawn again from the data plan; a row lists (task, sample, start, end) slices of samples.
+    cfg = load_config(config)
+    steps = iterate_steps(prepare_data(cfg, load_tokenizer(cfg.model)), BatchPlan(4, 1), DataPosition())
+    real = [
+        sum(end - start for rows in next(steps)[1] for row in rows for *_, start, end in row)
+        for _ in range(4)
+    ]
+    assert [r["train/input_tokens"] for r in logged] == [real[0] + real[1], real[2] + real[3]]
+    for r in logged:
+        assert r["train/seconds"] > 0
+        assert r["tokens_per_second"] == pytest.approx(r["train/input_tokens"] / r["train/seconds"])
+        trained = r["train/write_test/tokens"] + r["train/write_function/tokens"]
+        assert r["trained_tokens_per_second"] == pytest.approx(trained / r["train/seconds"])
+        assert "train/max_memory_gib" not in r  # CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_log_lines_report_the_peak_cuda_memory_so_far(tmp_path, tiny_model_dir):
+    train(load_config(make_config(tmp_path, tiny_model_dir, "run", max_steps=3)))
+    peaks = [r["train/max_memory_gib"] for r in metrics(tmp_path / "run") if "train/loss" in r]
+    assert len(peaks) == 3 and 0 < peaks[0] <= peaks[1] <= peaks[2]
+    assert peaks[-1] <= torch.cuda.max_memory_allocated() / 2**30
+
+
+def test_train_seconds_leave_out_evaluation_and_checkpoints_and_count_coba_probes(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Evaluation and checkpoint saves, slowed down, do not count; CoBa's probes, slowed down, do."""
+    import mftune.train.balancing as balancing
+    import mftune.train.checkpoint as checkpoint
+    import mftune.train.loop as loop
+    from mftune.train.tracking import MetricsWriter
+
+    nap = 0.3
+    events: list[tuple[str, float, float]] = []  # (what, start, end)
+
+    def slowed(what, real):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            time.sleep(nap)
+            result = real(*args, **kwargs)
+            events.append((what, start, time.perf_counter()))
+            return result
+
+        return run
+
+    monkeypatch.setattr(loop, "evaluate", slowed("evaluate", loop.evaluate))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slowed("save", checkpoint.save_checkpoint))
+    monkeypatch.setattr(balancing, "probe_losses", slowed("probe", balancing.probe_losses))
+    real_write = MetricsWriter.write
+
+    def write(self, step, values):
+        if "train/loss" in values:
+            now = time.perf_counter()
+            events.append(("log", now, now))
+        real_write(self, step, values)
+
+    monkeypatch.setattr(MetricsWriter, "write", write)
+    config = make_config(
+        tmp_path, tiny_model_dir, "run", loss="coba", max_steps=3, eval_every=1, save_every=1, keep_last=5
+    )
+    train(load_config(config, [f"{k}={v}" for k, v in COBA.items()]))
+
+    logged = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    # Before step 1: the baseline evaluation, then the baseline probe.
+    assert [what for what, *_ in events[:2]] == ["evaluate", "probe"]
+    begin = events[1][2]
+    logs = [start for what, start, _ in events if what == "log"]
+    for i, (row, end) in enumerate(zip(logged, logs, strict=True)):
+        inside = [(what, stop - start) for what, start, stop in events if begin < start < end]
+        untimed = sum(t for what, t in inside if what in ("evaluate", "save"))
+        probed = sum(t for what, t in inside if what == "probe")
+        # After step s come its probe, evaluation and save: all in the interval of step s + 1.
+        assert len(inside) == (0 if i == 0 else 3)
+        # The slack covers what runs between the clock's reads and the recorded times (set-up, log writes).
+        assert probed <= row["train/seconds"] <= end - begin - untimed + 0.1
+        assert row["tokens_per_second"] == pytest.approx(row["train/input_tokens"] / row["train/seconds"])
+        begin = end
 
 
 def test_four_steps_equal_two_plus_resume_plus_two(tmp_path, tiny_model_dir):

@@ -1,15 +1,16 @@
 """The training loop (DESIGN.md §6), readable top to bottom.
 
 Set up data, model and optimizer; resume if a checkpoint exists; then for each optimizer step: train,
-log, evaluate, save. SIGTERM ends the run after the current step with a checkpoint.
+log, evaluate, save. SIGTERM ends the run after the current step with a checkpoint. Evaluation and
+checkpoint saves are left out of the training time that the logged rates divide by.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from mftune.train.distributed import configure_deepspeed, quiet_other_ranks, sha
 from mftune.train.evaluate import evaluate
 from mftune.train.optim import build_optimizer, build_scheduler
 from mftune.train.step import LossSpec, StepResult, train_step
-from mftune.train.tracking import MetricsWriter, environment_snapshot, plot_task_curves, write_json
+from mftune.train.tracking import (
+    MetricsWriter,
+    TrainClock,
+    environment_snapshot,
+    peak_memory_gib,
+    plot_task_curves,
+    write_json,
+)
 
 
 def train(cfg: Config) -> Path:
@@ -68,10 +76,14 @@ def train(cfg: Config) -> Path:
     spec = LossSpec(cfg.train.loss, balancer.weights)
     stop = StopSignal()
     steps = iterate_steps(data, plan, DataPosition(state.epoch, state.step_in_epoch))
+    validate = functools.partial(
+        evaluate, accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size
+    )
 
     if state.step == 0:  # the baseline every later evaluation is read against
-        log.write(0, evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size))
-        log.write(0, balancer.after_step(0, model, accelerator.device))
+        with log.untimed():
+            log.write(0, validate())
+            log.write(0, balancer.after_step(0, model, accelerator.device))
         state.extra = balancer.state_dict()
     model.train()
     stopping, saved_at = False, state.step  # a resumed run starts from a saved step
@@ -86,13 +98,15 @@ def train(cfg: Config) -> Path:
             state.extra = balancer.state_dict()  # the balancer only changes when it observes
             log.write(state.step, coba_values)
         if state.step % cfg.train.eval_every == 0 or state.step == total_steps:
-            metrics = evaluate(accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size)
+            with log.untimed():
+                metrics = validate()
             log.write(state.step, metrics)
             if _early_stop(cfg, state, metrics):
                 break
         stopping = stop.agreed(accelerator)
         if state.step % cfg.train.save_every == 0 or stopping:
-            _save(cfg, accelerator, model, optimizer, scheduler, state)
+            with log.untimed():
+                _save(cfg, accelerator, model, optimizer, scheduler, state)
             saved_at = state.step
 
     if saved_at != state.step:  # decided in memory, the same on every rank (machines may not share files)
@@ -229,7 +243,12 @@ class StopSignal:
 
 @dataclass
 class RunLog:
-    """Progress bar, metrics.jsonl and TensorBoard; per-task train metrics averaged over each log interval."""
+    """Progress bar, metrics.jsonl and TensorBoard; per-task train metrics averaged over each log interval.
+
+    Each log line covers the steps since the previous one: `train/seconds` is their wall time on this
+    process (data, collation, forward, backward, update, CoBa probes), less what ran inside `untimed()`,
+    and the rates divide the interval's tokens by it.
+    """
 
     cfg: Config
     out: Path
@@ -258,7 +277,11 @@ class RunLog:
             desc="train",
             dynamic_ncols=True,
         )
-        self._clock = time.perf_counter()
+        self.clock = TrainClock(self.accelerator.device)
+
+    def untimed(self):
+        """A context whose time (evaluation, checkpoint saves) is not training time."""
+        return self.clock.paused()
 
     def step(self, step: int, result: StepResult, lr: float) -> None:
         acc = self._interval
@@ -271,18 +294,22 @@ class RunLog:
         self.bar.update(1)
         if step % self.cfg.train.log_every:
             return
-        seconds = time.perf_counter() - self._clock
+        seconds = self.clock.lap()
         values = {
             "train/loss": acc["loss"] / acc["steps"],
             "lr": lr,
             "grad_norm": result.grad_norm,
             "tokens_per_second": acc["input_tokens"] / max(seconds, 1e-9),
             "trained_tokens_per_second": acc["tokens"] / max(seconds, 1e-9),
+            "train/seconds": seconds,
+            "train/input_tokens": acc["input_tokens"],  # already summed over ranks by each step
         }
+        if (peak := peak_memory_gib(self.accelerator.device)) is not None:
+            values["train/max_memory_gib"] = peak
         values.update(self._per_task(acc))
         self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['tokens_per_second']:.0f}")
         self.write(step, values)
-        self._interval, self._clock = {}, time.perf_counter()
+        self._interval = {}
 
     def _per_task(self, acc: dict) -> dict[str, float]:
         values = {}

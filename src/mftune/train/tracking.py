@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard, the environment snapshot and plots."""
+"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard, the environment snapshot and plots;
+and the training time and memory its metrics report."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import contextlib
 import json
 import platform
 import subprocess
+import time
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import torch
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,6 +50,52 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class TrainClock:
+    """Training time between log lines: the wall time, less whatever runs inside `paused()`.
+
+    CUDA kernels run asynchronously, so the device is synchronized where time is read (`lap`, once per log
+    line) and where a pause begins, so that queued training work is not counted as paused; never per step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._start = time.perf_counter()
+        self._paused = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave out the time spent inside (evaluation, checkpoint saves)."""
+        self._synchronize()  # the paused work would wait for the queued kernels anyway
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def lap(self) -> float:
+        """Seconds of training since the previous lap (or since the clock was made); starts the next lap."""
+        self._synchronize()
+        now = time.perf_counter()
+        seconds = now - self._start - self._paused
+        self._start, self._paused = now, 0.0
+        return seconds
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory allocated by tensors on a CUDA device so far, in GiB; None on other devices.
+
+    This is `torch.cuda.max_memory_allocated`: since the process started, or since the caller last reset
+    the peak statistics; not what the caching allocator reserves.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def _tensorboard_writer(folder: Path):
@@ -87,13 +138,8 @@ def environment_snapshot(world_size: int, device: str) -> dict[str, Any]:
         "world_size": world_size,
         "git_commit": _git_commit(),
     }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            snapshot["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        snapshot["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return snapshot
 
 
