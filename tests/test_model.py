@@ -136,9 +136,27 @@ def test_adapter_dtype(tiny_model_dir: Path, adapter_dtype: str, expected: torch
     )
 
 
-def test_qlora_needs_the_gpu_extra(tiny_model_dir: Path) -> None:
-    with pytest.raises(ImportError, match=r"mftune\[gpu\]|CUDA"):
+def test_qlora_needs_bitsandbytes_that_runs_on_the_device(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.machinery
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match=r"mftune\[gpu\]"):
         _load(tiny_model_dir, method="qlora")
+    # Releases before the device registry (CUDA only), and the first to list the CPU, which
+    # cannot run 4-bit weights packed in bf16 there.
+    for version, devices in [("0.45.5", None), ("0.46.1", {"cpu", "cuda"})]:
+        old = types.ModuleType("bitsandbytes")
+        old.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+        old.__version__ = version
+        if devices:
+            old.supported_torch_devices = devices
+        monkeypatch.setitem(sys.modules, "bitsandbytes", old)
+        with pytest.raises(ImportError, match=rf">= 0\.47: not on cpu with bitsandbytes {version}"):
+            _load(tiny_model_dir, method="qlora")
 
 
 @pytest.mark.parametrize(("method", "checkpointing"), [("lora", "on"), ("dora", "off")])

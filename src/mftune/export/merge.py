@@ -28,10 +28,11 @@ def merge_adapter(
 ) -> Path:
     """Merge an adapter into its base and write sharded safetensors, tokenizer and generation config.
 
-    The base is loaded unquantised, so a QLoRA adapter is merged into the full-precision base it
-    was trained on (bf16 for most checkpoints); merging runs on the CPU. The tokenizer is the
-    adapter folder's, carrying the training chat template, and the generation config stops at
-    the template's turn-closing token as well as EOS.
+    The base is loaded unquantised from its own folder, so a QLoRA adapter is merged into the
+    full-precision weights its 4-bit base was quantised from (bf16 for most checkpoints), never
+    into dequantised 4-bit weights; a base checkpoint that is itself quantised is refused.
+    Merging runs on the CPU. The tokenizer is the adapter folder's, carrying the training chat
+    template, and the generation config stops at the template's turn-closing token as well as EOS.
 
     Args:
         adapter_dir: An adapter folder (`adapter_config.json` + `adapter_model.safetensors`), or a
@@ -47,8 +48,11 @@ def merge_adapter(
 
     Raises:
         FileNotFoundError: The folder holds no adapter (a full model needs no merge).
-        ValueError: Unknown dtype, or the adapter names no base and none is given.
+        ValueError: Unknown dtype, the adapter names no base and none is given, or the base is a
+            quantised checkpoint.
     """
+    from transformers import AutoConfig
+
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
     source = resolve_model_dir(adapter_dir)
@@ -57,7 +61,13 @@ def merge_adapter(
             f"{source} has no {ADAPTER_CONFIG}: it is not an adapter folder (a full model needs no merge)"
         )
     base = base or adapter_base(source)
-    torch_dtype = _checkpoint_dtype(base, trust_remote_code) if dtype == "auto" else DTYPES[dtype]
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        # It would load quantised, and peft would fold the adapter into dequantised, re-quantised weights.
+        raise ValueError(
+            f"{base} is a quantised checkpoint; merge into the unquantised model it was made from (--base)"
+        )
+    torch_dtype = _checkpoint_dtype(config) if dtype == "auto" else DTYPES[dtype]
     model, tokenizer = load_for_inference(
         source, device="cpu", dtype=torch_dtype, base=base, trust_remote_code=trust_remote_code
     )
@@ -70,10 +80,8 @@ def merge_adapter(
     return out_dir
 
 
-def _checkpoint_dtype(base: str, trust_remote_code: bool) -> torch.dtype:
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -22,6 +22,8 @@ DTYPES: dict[str, torch.dtype] = {
 # `auto` turns gradient checkpointing on above this many parameters (DESIGN.md §5).
 _CHECKPOINTING_THRESHOLD = 1_000_000_000
 _NON_REENTRANT = {"use_reentrant": False}
+# The first bitsandbytes that runs every `finetune.qlora` setting on the CPU (`_check_bitsandbytes_runs_on`).
+_CPU_BITSANDBYTES = "0.47"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -108,7 +110,8 @@ def load_model(
         for `lora`, `dora` and `qlora`.
 
     Raises:
-        ImportError: `qlora` without bitsandbytes or without CUDA.
+        ImportError: `qlora` without bitsandbytes, or on a device the installed bitsandbytes does not
+            run on (see `_quantized_loading`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -120,19 +123,17 @@ def load_model(
         "trust_remote_code": model_cfg.trust_remote_code,
     }
     if method == "qlora":
-        kwargs.update(_quantized_loading(finetune_cfg.qlora, device))
+        kwargs.update(_quantized_loading(finetune_cfg.qlora, device, dtype))
     model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
     if method != "qlora":  # a quantised model is placed by its device_map
         model.to(device)
     model.config.use_cache = False  # the cache only serves generation and conflicts with checkpointing
     checkpointing = _wants_checkpointing(model_cfg.gradient_checkpointing, model, method)
-    if method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=_NON_REENTRANT
-        )
-    elif checkpointing:
+    # QLoRA is prepared like LoRA, not with peft's `prepare_model_for_kbit_training`: that casts
+    # every unquantised weight (embeddings, head, norms) to float32, GiBs more for a large
+    # vocabulary, whereas here they stay in the model's dtype, as under LoRA on a bf16 base.
+    # Freezing the base is left to peft, which freezes all but the adapters when it wraps the model.
+    if checkpointing:
         _enable_checkpointing(model)
         if method != "full":
             # With a frozen embedding nothing before the first checkpointed layer needs grad;
@@ -159,24 +160,59 @@ def _enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NON_REENTRANT)
 
 
-def _quantized_loading(qlora_cfg: QloraConfig, device: torch.device) -> dict:
-    """`from_pretrained` arguments that load the base quantised by bitsandbytes."""
+def _quantized_loading(qlora_cfg: QloraConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    """`from_pretrained` arguments that load the base quantised by bitsandbytes.
+
+    Args:
+        qlora_cfg: The `finetune.qlora` config section.
+        device: Where the model is trained: a CUDA device, or the CPU with bitsandbytes >= 0.47
+            (slow; for tests and demos).
+        dtype: The model's weight dtype; 4-bit layers compute in it when it is float16 or bfloat16,
+            else in bfloat16.
+
+    Returns:
+        `quantization_config` and a `device_map` that places the whole model on `device`.
+
+    Raises:
+        ImportError: bitsandbytes is missing, or the installed version does not run on `device`.
+    """
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("finetune.method qlora needs bitsandbytes: pip install 'mftune[gpu]'")
-    if device.type != "cuda":
-        raise ImportError(f"finetune.method qlora needs a CUDA device (bitsandbytes), not {device}")
+    _check_bitsandbytes_runs_on(device)
     from transformers import BitsAndBytesConfig
 
     if qlora_cfg.bits == 8:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     else:
+        compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=qlora_cfg.quant_type,
             bnb_4bit_use_double_quant=qlora_cfg.double_quant,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            # Stored as bf16 so FSDP and ZeRO-3 can shard the packed weights like any other tensor.
-            bnb_4bit_quant_storage=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
+            # Packed into elements of the dtype the other weights of a half-precision model have,
+            # so FSDP and ZeRO-3 can shard the 4-bit weights along with them.
+            bnb_4bit_quant_storage=compute,
         )
+    if device.type == "cpu":
+        return {"quantization_config": quantization, "device_map": {"": "cpu"}}
     index = device.index if device.index is not None else torch.cuda.current_device()
     return {"quantization_config": quantization, "device_map": {"": index}}
+
+
+def _check_bitsandbytes_runs_on(device: torch.device) -> None:
+    import bitsandbytes
+    from packaging.version import Version
+
+    version = bitsandbytes.__version__
+    # Before 0.46 bitsandbytes ran on CUDA only and has no device registry. 0.46 lists the CPU
+    # but cannot dequantise 4-bit weights packed in bf16 or fp4 there; 0.47 runs all settings.
+    backends = getattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    if device.type == "cpu" and "cpu" in backends and Version(version) >= Version(_CPU_BITSANDBYTES):
+        return
+    if device.type == "cuda" and "cuda" in backends:
+        return
+    raise ImportError(
+        f"finetune.method qlora runs on CUDA, or on the CPU with bitsandbytes >= {_CPU_BITSANDBYTES}: "
+        f"not on {device} with bitsandbytes {version}"
+    )
