@@ -13,7 +13,7 @@ from mftune.config import Config
 from mftune.data.pipeline import MultiTaskData, Row
 from mftune.loss.coba import CobaBalancer
 from mftune.loss.weighting import per_task_sums
-from mftune.train.batches import collate
+from mftune.train.batches import collate, to_device
 from mftune.train.step import token_losses
 
 
@@ -86,8 +86,7 @@ def probe_losses(
     loss_sum = torch.zeros(num_tasks, dtype=torch.float64)
     tokens = torch.zeros(num_tasks, dtype=torch.float64)
     for i in range(0, len(rows), micro_batch):
-        batch = collate(data, rows[i : i + micro_batch], pad_id, valid=True)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(collate(data, rows[i : i + micro_batch], pad_id, valid=True), device)
         out = token_losses(model, batch, 2048)
         sums = per_task_sums(out.loss, out.correct, out.targets, num_tasks)
         loss_sum += sums["loss_sum"].cpu()

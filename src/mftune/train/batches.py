@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from mftune.data.collate import Sample, collate_rows
 from mftune.data.pipeline import MultiTaskData, Row
@@ -97,7 +98,12 @@ def iterate_steps(
 
 
 def collate(data: MultiTaskData, rows: list[Row], pad_id: int, *, valid: bool = False) -> dict:
-    """Tensors of one micro-batch, with `packed` telling the model how attention is isolated."""
+    """Tensors of one micro-batch, with `packed` telling the model how attention is isolated.
+
+    No rows (a rank's share ran out) gives a filler (`filler_batch`).
+    """
+    if not rows:
+        return filler_batch(data, pad_id)
     batch = collate_rows(
         [data.row_samples(row, valid=valid) for row in rows], pad_id, isolated=data.packing != "contiguous"
     )
@@ -109,10 +115,12 @@ def collate_micro_batches(
     data: MultiTaskData, micro_rows: list[list[Row]], pad_id: int, *, valid: bool = False
 ) -> list[dict]:
     """Tensors of each micro-batch; an empty one becomes a filler (`filler_batch`)."""
-    return [
-        collate(data, rows, pad_id, valid=valid) if rows else filler_batch(data, pad_id)
-        for rows in micro_rows
-    ]
+    return [collate(data, rows, pad_id, valid=valid) for rows in micro_rows]
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with its tensors on `device` (flags such as `packed` stay as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def filler_batch(data: MultiTaskData, pad_id: int) -> dict:

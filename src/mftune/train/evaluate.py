@@ -7,7 +7,8 @@ import math
 import torch
 
 from mftune.data.pipeline import MultiTaskData
-from mftune.train.batches import collate, filler_batch, shard_micro_batches
+from mftune.loss.weighting import per_task_sums
+from mftune.train.batches import collate, shard_micro_batches, to_device
 from mftune.train.step import token_losses
 
 
@@ -31,15 +32,12 @@ def evaluate(
         rows = data.valid_rows(task.task_id)
         shard = shard_micro_batches(rows, micro_batch, accelerator.process_index, accelerator.num_processes)
         for micro_rows in shard:
-            batch = (
-                collate(data, micro_rows, pad_id, valid=True) if micro_rows else filler_batch(data, pad_id)
-            )
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(collate(data, micro_rows, pad_id, valid=True), accelerator.device)
             out = token_losses(model, batch, chunk_size)
-            task_ids = out.targets.task_ids
-            loss_sum.index_add_(0, task_ids, out.loss.double())
-            correct.index_add_(0, task_ids, out.correct.double())
-            tokens.index_add_(0, task_ids, torch.ones_like(out.loss, dtype=torch.float64))
+            sums = per_task_sums(out.loss, out.correct, out.targets, num_tasks)
+            loss_sum += sums["loss_sum"]
+            correct += sums["num_correct"]
+            tokens += sums["num_tokens"]
     totals = accelerator.reduce(torch.stack([loss_sum, correct, tokens]), "sum").cpu()
     if was_training:
         model.train()

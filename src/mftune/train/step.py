@@ -21,6 +21,7 @@ from mftune.loss.weighting import (
     token_coefficients,
 )
 from mftune.model.backbone import forward_hidden, model_config, output_head
+from mftune.train.batches import to_device
 from mftune.train.distributed import backend_loss_scale, micro_batch_context
 
 
@@ -115,7 +116,7 @@ def train_step(
     )
     totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         share = 0.0 if batch.get("filler") else router_share
         with micro_batch_context(accelerator, model, sync=i == len(micro_batches) - 1):
             loss, sums = weighted_loss(model, batch, counts, spec, share)
