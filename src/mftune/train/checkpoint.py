@@ -75,10 +75,7 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
     )
     torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-    if final.exists():  # a rerun of the same step replaces the old copy
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    _publish(tmp, final, state)
     return final
 
 
@@ -106,7 +103,7 @@ def load_checkpoint(
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    return _read_state(path)
 
 
 def save_sharded_checkpoint(accelerator, output_dir: str | Path, scheduler: Any, state: TrainerState) -> Path:
@@ -125,10 +122,7 @@ def save_sharded_checkpoint(accelerator, output_dir: str | Path, scheduler: Any,
     accelerator.save_state(str(tmp / SHARDED_STATE))
     if accelerator.is_main_process:
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _publish(tmp, final, state)
     accelerator.wait_for_everyone()
     return final
 
@@ -139,6 +133,18 @@ def load_sharded_checkpoint(accelerator, path: str | Path, scheduler: Any) -> Tr
     accelerator.load_state(str(path / SHARDED_STATE))
     states = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
     scheduler.load_state_dict(states["scheduler"])
+    return _read_state(path)
+
+
+def _publish(tmp: Path, final: Path, state: TrainerState) -> None:
+    """Write the trainer state last, then rename the finished temporary folder into place."""
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+    if final.exists():  # a rerun of the same step replaces the old copy
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def _read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
 
 
