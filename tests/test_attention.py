@@ -19,6 +19,7 @@ from mftune.config_schema import FinetuneConfig, LoraConfig, ModelConfig
 from mftune.data.collate import Sample, collate_rows
 from mftune.model import attention, hidden_states, load_model, resolve_attention
 from mftune.model.attention import VARLEN_ATTENTION, register_varlen_attention, varlen_attention
+from mftune.model.backbone import model_config
 from mftune.tiny import build_tiny_model
 
 CPU = torch.device("cpu")
@@ -133,7 +134,7 @@ def test_collator_segments_reach_every_layer_through_peft(
             device=CPU,
             packing="isolated",
         )
-    assert attention.uses_varlen_attention(model)
+    assert attention.uses_varlen_attention(model_config(model))
     batch = collate_rows(_packed_rows(), pad_id=0, pad_to=20)
     seen: list[tuple[list[int], int]] = []
 

@@ -62,11 +62,8 @@ def cuda_varlen_kernel_available(device: torch.device) -> bool:
     )
 
 
-def uses_varlen_attention(model: nn.Module) -> bool:
-    """Whether `model` (also inside a `PeftModel` or a distributed wrapper) runs `mftune_varlen`."""
-    from accelerate.utils import extract_model_from_parallel
-
-    config = getattr(extract_model_from_parallel(model), "config", None)
+def uses_varlen_attention(config) -> bool:
+    """Whether a model whose `PretrainedConfig` is `config` (see `backbone.model_config`) runs `mftune_varlen`."""
     return getattr(config, "_attn_implementation", None) == VARLEN_ATTENTION
 
 

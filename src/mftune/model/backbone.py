@@ -80,7 +80,7 @@ def forward_hidden(
     is_moe = hasattr(config, "router_aux_loss_coef")
     extra: dict[str, object] = {"output_router_logits": True} if is_moe else {}
     attention_mask = None if packed else batch["attention_mask"]
-    if "varlen_cu_seqlens" in batch and uses_varlen_attention(model):
+    if "varlen_cu_seqlens" in batch and uses_varlen_attention(config):
         extra |= varlen_kwargs(batch["varlen_cu_seqlens"], int(batch["varlen_max_seqlen"]))
         attention_mask = None
     out = model(
