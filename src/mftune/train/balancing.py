@@ -14,7 +14,7 @@ from mftune.data.pipeline import MultiTaskData, Row
 from mftune.loss.coba import CobaBalancer
 from mftune.loss.weighting import per_task_sums
 from mftune.train.batches import collate, to_device
-from mftune.train.step import token_losses
+from mftune.train.step import LossSpec, token_losses
 
 
 class TaskBalancer:
@@ -87,7 +87,7 @@ def probe_losses(
     tokens = torch.zeros(num_tasks, dtype=torch.float64)
     for i in range(0, len(rows), micro_batch):
         batch = to_device(collate(data, rows[i : i + micro_batch], pad_id, valid=True), device)
-        out = token_losses(model, batch, 2048)
+        out = token_losses(model, batch, LossSpec.chunk_size)
         sums = per_task_sums(out.loss, out.correct, out.targets, num_tasks)
         loss_sum += sums["loss_sum"].cpu()
         tokens += sums["num_tokens"].cpu()
