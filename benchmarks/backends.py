@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata, util
+from importlib import util
 from pathlib import Path
 
 BACKENDS = ("single", "ddp", "zero2", "zero2-offload", "zero3", "zero3-offload", "fsdp")
@@ -236,12 +236,10 @@ def versions() -> dict[str, str | None]:
     """Python, CUDA (as torch was built) and the packages a backend runs on (None: not installed)."""
     import torch
 
+    from mftune.train.tracking import package_versions
+
     found = {"python": platform.python_version(), "cuda": torch.version.cuda}
-    for name in ("mftune", "torch", "transformers", "peft", "accelerate", "deepspeed"):
-        found[name] = None
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found[name] = metadata.version(name)
-    return found
+    return found | package_versions(("mftune", "torch", "transformers", "peft", "accelerate", "deepspeed"))
 
 
 def gpu_count() -> int:

@@ -409,10 +409,10 @@ def _load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import version
+def _version(package: str) -> str | None:
+    from mftune.train.tracking import package_versions
 
-    return version(package)
+    return package_versions((package,))[package]
 
 
 def main(argv: list[str] | None = None) -> None:

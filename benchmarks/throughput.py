@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata, util
+from importlib import util
 from pathlib import Path
 
 import numpy as np
@@ -305,11 +305,11 @@ def _sync(device: str) -> None:
 
 
 def _peak_gib(device: str) -> float | None:
-    if device != "cuda":
-        return None
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**30
+    from mftune.train.tracking import peak_memory_gib
+
+    return peak_memory_gib(torch.device(device))
 
 
 def _reset_peak(device: str) -> None:
@@ -844,15 +844,11 @@ def _yes_no(value) -> str:
 
 def versions() -> dict[str, str | None]:
     """Versions of python and of every package a side may use (None: not installed)."""
+    from mftune.train.tracking import package_versions
+
     packages = ("mftune", "torch", "transformers", "peft", "accelerate", "trl", "datasets")
     optional = ("liger-kernel", "flash-attn", "bitsandbytes")
-    return {"python": platform.python_version()} | {name: _version(name) for name in packages + optional}
-
-
-def _version(name: str) -> str | None:
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        return metadata.version(name)
-    return None
+    return {"python": platform.python_version()} | package_versions(packages + optional)
 
 
 MFU_FORMULA = (

@@ -115,10 +115,19 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution, None where it is not installed."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        versions[name] = None
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
 def environment_snapshot(world_size: int, device: str) -> dict[str, Any]:
     """Package versions, git commit, devices: enough to tell two runs' setups apart."""
-    versions = {}
-    for name in (
+    names = (
         "mftune",
         "torch",
         "transformers",
@@ -127,13 +136,11 @@ def environment_snapshot(world_size: int, device: str) -> dict[str, Any]:
         "tokenizers",
         "deepspeed",
         "bitsandbytes",
-    ):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
+    )
     snapshot: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": versions,
+        "packages": {name: v for name, v in package_versions(names).items() if v is not None},
         "device": device,
         "world_size": world_size,
         "git_commit": _git_commit(),
