@@ -281,10 +281,6 @@ def train_run(config: Path) -> tuple[Path, float, float]:
     return final, time.perf_counter() - start, clock.seconds
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def exact_match(final: Path, data_root: Path, tasks: tuple[str, ...], max_new_tokens: int) -> dict:
     """Per task: greedy exact match on its held-out set, and a few wrong answers to look at."""
     from mftune.infer.generate import generate_batch
@@ -319,6 +315,8 @@ def measure(run: Run, config: Path, data_root: Path, threads: int | None, max_ne
     start = time.perf_counter()
     em = exact_match(final, data_root, run.tasks, max_new_tokens)
     generation = time.perf_counter() - start
+    from mftune.train.tracking import read_metrics
+
     rows = read_metrics(final.parent)
     last_eval = [r for r in rows if "valid/loss" in r][-1]
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]

@@ -3,7 +3,6 @@ segments from the collator, the arguments each kernel gets, and when `auto` pick
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 import warnings
@@ -21,6 +20,7 @@ from mftune.model import attention, hidden_states, load_model, resolve_attention
 from mftune.model.attention import VARLEN_ATTENTION, register_varlen_attention, varlen_attention
 from mftune.model.backbone import model_config
 from mftune.tiny import build_tiny_model
+from mftune.train.tracking import read_metrics
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -424,7 +424,7 @@ def test_training_with_varlen_equals_training_with_sdpa(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # varlen's reference-kernel warning on the CPU
             train(load_config(config, [f"model.attention={name}", f"train.output_dir={out}"]))
-        logged[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        logged[name] = read_metrics(out)
         assert bool(calls) == (name == "varlen")
     steps = [(a, b) for a, b in zip(logged["sdpa"], logged["varlen"], strict=True) if "train/loss" in a]
     assert len(steps) == 2

@@ -3,7 +3,6 @@ training run that `model.attention: auto` sends through it."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mftune.config import load_config
 from mftune.data.collate import Sample, collate_rows
 from mftune.model import attention, hidden_states, resolve_attention
 from mftune.model.attention import VARLEN_ATTENTION, cuda_varlen_kernel_available, register_varlen_attention
+from mftune.train.tracking import read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -141,6 +141,6 @@ def test_training_runs_through_the_cuda_kernel(
     config.write_text(yaml.safe_dump(raw))
     train(load_config(config))
     assert kernels and set(kernels) == {cuda_kernel}
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(tmp_path / "run")
     losses = [m["train/loss"] for m in logged if "train/loss" in m]
     assert len(losses) == 1 and math.isfinite(losses[0])

@@ -31,6 +31,7 @@ from mftune.launch import NAMED_CONFIGS, LaunchError, Topology, check_runnable, 
 from mftune.train.batches import BatchPlan, DataPosition, iterate_steps, rows_for_step, steps_in_epoch
 from mftune.train.checkpoint import latest_checkpoint
 from mftune.train.loop import train
+from mftune.train.tracking import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 STRATEGIES = ("token", "sample", "task", "task_sample")
@@ -90,12 +91,8 @@ def make_config(tmp_path: Path, model_dir: Path, name: str, *, tasks=None, data=
     return path
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_losses(run: Path) -> list[float]:
-    return [r["train/loss"] for r in metrics(run) if "train/loss" in r]
+    return [r["train/loss"] for r in read_metrics(run) if "train/loss" in r]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -283,8 +280,8 @@ def test_two_processes_equal_one_process(two_process_runs, tmp_path, tiny_model_
     a, b = train_losses(one), train_losses(two)
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=1e-5)
-    va = [r["valid/loss"] for r in metrics(one) if "valid/loss" in r]
-    vb = [r["valid/loss"] for r in metrics(two) if "valid/loss" in r]
+    va = [r["valid/loss"] for r in read_metrics(one) if "valid/loss" in r]
+    vb = [r["valid/loss"] for r in read_metrics(two) if "valid/loss" in r]
     assert len(va) == 3 and va == pytest.approx(vb, rel=1e-5)
     assert_same_weights(one, two)
 
@@ -303,7 +300,7 @@ def test_resume_under_two_processes_equals_an_uninterrupted_run(two_process_runs
         (b_dir / "trainer_state.json").read_text()
     )
     # The resumed run's metrics.jsonl starts at the checkpoint (the copy holds no earlier lines).
-    assert [r["step"] for r in metrics(resumed) if "train/loss" in r] == [3, 4]
+    assert [r["step"] for r in read_metrics(resumed) if "train/loss" in r] == [3, 4]
     assert train_losses(resumed) == train_losses(straight)[2:]
 
 
@@ -327,12 +324,12 @@ def test_ranks_without_rows_take_part_and_add_nothing(two_process_runs, tmp_path
     a, b = train_losses(one), train_losses(two)
     assert len(a) == len(b) == 2  # 5 samples, global batch 4
     assert a == pytest.approx(b, rel=1e-5)
-    last_a = [r for r in metrics(one) if "train/loss" in r][-1]
-    last_b = [r for r in metrics(two) if "train/loss" in r][-1]
+    last_a = [r for r in read_metrics(one) if "train/loss" in r][-1]
+    last_b = [r for r in read_metrics(two) if "train/loss" in r][-1]
     tokens = last_a["train/alpha/tokens"] + last_a["train/beta/tokens"]
     assert tokens == last_b["train/alpha/tokens"] + last_b["train/beta/tokens"] > 0
-    valid_a = [r for r in metrics(one) if "valid/loss" in r]
-    valid_b = [r for r in metrics(two) if "valid/loss" in r]
+    valid_a = [r for r in read_metrics(one) if "valid/loss" in r]
+    valid_b = [r for r in read_metrics(two) if "valid/loss" in r]
     assert len(valid_a) == len(valid_b) == 3
     for x, y in zip(valid_a, valid_b, strict=True):
         for task in ("alpha", "beta"):
@@ -368,7 +365,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, tiny_m
         _kill_tree(proc)
     step = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["step"]
     assert 2 <= step < 400
-    assert [r["step"] for r in metrics(run) if "train/loss" in r][-1] == step
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r][-1] == step
 
 
 # --- mftune launch -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from mftune.cli import main
 from mftune.loss.cross_entropy import lm_head_loss
+from mftune.train.tracking import read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -79,7 +80,7 @@ def test_bf16_training_runs_on_cuda(method: str, tmp_path: Path, tiny_model_dir:
         )
     )
     assert main(["train", str(config)]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
     assert all(r["train/max_memory_gib"] > 0 for r in steps)

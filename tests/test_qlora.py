@@ -21,6 +21,7 @@ from mftune.export import merge_adapter  # noqa: E402
 from mftune.model import load_model  # noqa: E402
 from mftune.model.load import _check_bitsandbytes_runs_on  # noqa: E402
 from mftune.train.step import token_losses  # noqa: E402
+from mftune.train.tracking import read_metrics  # noqa: E402
 
 CPU = torch.device("cpu")
 try:
@@ -121,7 +122,7 @@ def test_train_cli_runs_qlora(tmp_path: Path, tiny_model_dir: Path) -> None:
         )
     )
     assert main(["train", str(config), "finetune.method=qlora", "model.dtype=bfloat16"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert len([r for r in rows if "train/loss" in r]) == 3
     valid = [r["valid/loss"] for r in rows if "valid/loss" in r]
     assert valid[-1] < valid[0]  # before training, after 3 steps

@@ -20,6 +20,7 @@ from mftune.train.batches import BatchPlan, DataPosition, collate, iterate_steps
 from mftune.train.checkpoint import latest_checkpoint
 from mftune.train.loop import train
 from mftune.train.step import token_losses
+from mftune.train.tracking import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -58,10 +59,6 @@ def make_config(tmp_path: Path, model_dir: Path, out: str, **train) -> Path:
     return path
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("strategy", ["token", "sample", "task", "task_sample"])
 def test_micro_batch_4_equals_accumulation_4(tmp_path, tiny_model_dir, strategy):
     runs = {}
@@ -69,8 +66,8 @@ def test_micro_batch_4_equals_accumulation_4(tmp_path, tiny_model_dir, strategy)
         name = f"micro{micro}"
         train(load_config(make_config(tmp_path, tiny_model_dir, name, micro_batch_size=micro, loss=strategy)))
         runs[micro] = tmp_path / name
-    a = [r for r in metrics(runs[4]) if "train/loss" in r]
-    b = [r for r in metrics(runs[1]) if "train/loss" in r]
+    a = [r for r in read_metrics(runs[4]) if "train/loss" in r]
+    b = [r for r in read_metrics(runs[1]) if "train/loss" in r]
     assert len(a) == len(b) == 2
     for x, y in zip(a, b, strict=True):
         assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5)
@@ -87,7 +84,7 @@ def test_micro_batch_4_equals_accumulation_4(tmp_path, tiny_model_dir, strategy)
 def test_a_step_moves_weights_and_logs_every_task(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     train(load_config(make_config(tmp_path, tiny_model_dir, "run", eval_every=2)))
-    rows = metrics(run)
+    rows = read_metrics(run)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     last = rows[-1]
     for task in ("write_test", "write_function"):
@@ -105,7 +102,7 @@ def test_a_step_moves_weights_and_logs_every_task(tmp_path, tiny_model_dir):
 def test_log_lines_report_train_seconds_and_the_input_tokens_of_their_steps(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir, "run", max_steps=4, log_every=2)
     train(load_config(config))
-    logged = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
+    logged = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert [r["step"] for r in logged] == [2, 4]
 
     # The same steps drawn again from the data plan; a row lists (task, sample, start, end) slices of samples.
@@ -128,7 +125,7 @@ def test_log_lines_report_train_seconds_and_the_input_tokens_of_their_steps(tmp_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_log_lines_report_the_peak_cuda_memory_so_far(tmp_path, tiny_model_dir):
     train(load_config(make_config(tmp_path, tiny_model_dir, "run", max_steps=3)))
-    peaks = [r["train/max_memory_gib"] for r in metrics(tmp_path / "run") if "train/loss" in r]
+    peaks = [r["train/max_memory_gib"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert len(peaks) == 3 and 0 < peaks[0] <= peaks[1] <= peaks[2]
     assert peaks[-1] <= torch.cuda.max_memory_allocated() / 2**30
 
@@ -172,7 +169,7 @@ def test_train_seconds_leave_out_evaluation_and_checkpoints_and_count_coba_probe
     )
     train(load_config(config, [f"{k}={v}" for k, v in COBA.items()]))
 
-    logged = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
+    logged = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert [r["step"] for r in logged] == [1, 2, 3]
     # Before step 1: the baseline evaluation, then the baseline probe.
     assert [what for what, *_ in events[:2]] == ["evaluate", "probe"]
@@ -216,8 +213,8 @@ def test_four_steps_equal_two_plus_resume_plus_two(tmp_path, tiny_model_dir):
     sb = json.loads((b_dir / "trainer_state.json").read_text())
     assert sa == sb  # same data position, tokens seen, metrics
     # Steps 3 and 4 saw the same data with the same loss.
-    la = [r["train/loss"] for r in metrics(straight) if r["step"] > 2 and "train/loss" in r]
-    lb = [r["train/loss"] for r in metrics(resumed) if r["step"] > 2 and "train/loss" in r]
+    la = [r["train/loss"] for r in read_metrics(straight) if r["step"] > 2 and "train/loss" in r]
+    lb = [r["train/loss"] for r in read_metrics(resumed) if r["step"] > 2 and "train/loss" in r]
     assert la == lb and len(la) == 2
 
 
@@ -328,7 +325,7 @@ def test_coba_trains_logs_weights_and_resumes_exactly(tmp_path, tiny_model_dir):
         tmp_path, tiny_model_dir, "straight", loss="coba", max_steps=4, save_every=2, keep_last=5
     )
     train(load_config(cfg, overrides))
-    rows = metrics(straight)
+    rows = read_metrics(straight)
     weights = [r for r in rows if "coba/write_test/weight" in r]
     assert [r["step"] for r in weights] == [0, 1, 2, 3, 4]
     for r in weights:
