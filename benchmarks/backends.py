@@ -211,12 +211,12 @@ def run_logged(
         try:
             status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_tree(proc)
+            kill_tree(proc)
             status = None
     return status, time.perf_counter() - started
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     # Launchers start their workers in sessions of their own: kill them by id, then the launcher.
     import psutil
 
@@ -226,6 +226,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
     proc.wait()
+
+
+def _ended(status: int | None) -> str:
+    return "was stopped at its time limit" if status is None else f"exited {status}"
 
 
 def log_tail(log: Path) -> str:
@@ -300,15 +304,20 @@ class CheckPlan:
     tol: Tolerances
     timeout: float
     threads: int | None
+    deadline: float = math.inf  # `time.monotonic()` past which no run goes on (`--time-budget`)
 
     def config(self, method: str) -> Path:
         return self.workdir / f"{method}.yaml"
 
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
     def train(self, backend: str, method: str, run_dir: Path) -> tuple[int | None, float, Path]:
-        """One CLI run into `run_dir`; its exit status, wall seconds and log."""
+        """One CLI run into `run_dir`; its exit status (None: stopped), wall seconds and log."""
         argv = train_command(backend, self.config(method), [f"train.output_dir={run_dir}"], self.processes)
         log = self.workdir / "logs" / f"{run_dir.name}.log"
-        status, wall = run_logged(argv, log, timeout=self.timeout, threads=self.threads)
+        timeout = max(min(self.timeout, self.time_left()), 1)
+        status, wall = run_logged(argv, log, timeout=timeout, threads=self.threads)
         return status, wall, log
 
 
@@ -344,8 +353,9 @@ def prepare_check(args: argparse.Namespace, workdir: Path) -> CheckPlan:
         resume=defaults.resume if args.resume_tol is None else args.resume_tol,
         logits=args.logits_tol,
     )
+    deadline = args.started + (args.time_budget or math.inf)
     return CheckPlan(
-        workdir, model_dir, args.steps, args.processes, gpus, tol, args.case_timeout, args.threads
+        workdir, model_dir, args.steps, args.processes, gpus, tol, args.case_timeout, args.threads, deadline
     )
 
 
@@ -397,7 +407,7 @@ def check_resume(plan: CheckPlan, backend: str, method: str, straight: Path) -> 
             shutil.rmtree(later)
     status, _, log = plan.train(backend, method, resumed)
     if status != 0:
-        return {"ok": False, "max_diff": None, "problems": [f"resumed run exited {status}; log: {log}"]}
+        return {"ok": False, "max_diff": None, "problems": [f"resumed run {_ended(status)}; log: {log}"]}
     verdict = compare_resumed(read_metrics(straight), read_metrics(resumed), middle, plan.tol.resume)
     lines = log.read_text(errors="replace").splitlines()
     if not any("resumed from" in line and f"(step {middle})" in line for line in lines):
@@ -459,7 +469,7 @@ def check_case(plan: CheckPlan, backend: str, method: str, reference: list[dict]
     status, row["wall_s"], log = plan.train(backend, method, straight)
     row["log"] = str(log)
     problems = (
-        [f"exited {status}; log: {log}"] if status != 0 else check_trained(plan, backend, method, straight)
+        [f"{_ended(status)}; log: {log}"] if status != 0 else check_trained(plan, backend, method, straight)
     )
     row["train_ok"] = not problems
     if problems:
@@ -537,10 +547,18 @@ def run_check(args: argparse.Namespace, workdir: Path) -> int:
     }
     print(f"command: {report['command']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v), flush=True)
+    longest = args.row_estimate  # the time a row is expected to need: the longest one so far
     for method in args.methods:
         reference = None
         for backend in args.backends:
-            row = check_case(plan, backend, method, reference)
+            started = time.monotonic()
+            if plan.time_left() < longest:
+                left = max(plan.time_left(), 0)
+                reason = f"time budget: {left:.0f} s left, ~{longest:.0f} s needed"
+                row = {"backend": backend, "method": method, "status": "skipped", "reason": reason}
+            else:
+                row = check_case(plan, backend, method, reference)
+                longest = max(longest, time.monotonic() - started)
             if backend == "single" and row["status"] != "skipped" and row["train_ok"]:
                 reference = read_metrics(plan.workdir / "runs" / f"{method}-single")
             report["results"].append(row)
@@ -726,6 +744,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--case-timeout", type=int, default=1800, help="seconds before a run is abandoned")
     parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="check: seconds for all rows; a row that would not finish in the time left is skipped",
+    )
+    parser.add_argument(
+        "--row-estimate",
+        type=float,
+        default=0.0,
+        help="check: seconds the first row is expected to take, under --time-budget (default 0)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="CPU threads per process (OMP_NUM_THREADS); smoke default 1"
     )
     parser.add_argument(
@@ -734,6 +763,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU check of the script: backends single and ddp (2 gloo processes), LoRA, a few steps",
     )
     args = parser.parse_args(argv)
+    args.started = time.monotonic()
     measure = args.mode == "measure"
     args.backends = args.backends or (
         ["single", "ddp"] if args.smoke else list(MEASURED_BACKENDS if measure else BACKENDS)

@@ -81,6 +81,8 @@ MIN_LEN, LENGTH_SIGMA = 32, 0.9
 TEMPLATE_TOKENS = 12
 DATA_MARGIN = 1.3  # tokens generated over what the steps need, so no side runs out within an epoch
 TASK = "synthetic"
+# Outcomes that do not fail the run: a case that ran out of memory, or that the time budget skipped or stopped.
+NOT_FAILURES = ("ok", "OOM", "skipped", "out_of_time")
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,25 @@ def observe_loaded_model(observed: dict) -> Iterator[None]:
         load.load_model = real
 
 
+@contextlib.contextmanager
+def skip_model_writes() -> Iterator[None]:
+    """Leave out the checkpoint and the final model that `train` writes after its last step.
+
+    They happen after the timed steps, so they change no number, but at 1.5B a full fine-tune's
+    checkpoint with its optimizer state is ~20 GB of disk writes per case; TRL's side saves nothing
+    (`save_strategy="no"`).
+    """
+    import mftune.train.loop as loop
+
+    real = loop._save, loop._export
+    loop._save = lambda *args, **kwargs: None
+    loop._export = lambda accelerator, model, tokenizer, data, folder: folder
+    try:
+        yield
+    finally:
+        loop._save, loop._export = real
+
+
 def mftune_steps(run_dir: Path) -> list[dict]:
     """Per logged step of `metrics.jsonl`: input (non-padding) tokens, seconds and, on CUDA, peak GiB so far.
 
@@ -407,10 +428,8 @@ def run_mftune(spec: dict) -> dict:
     (run_dir.parent / f"{run_dir.name}.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(run_dir.parent / f"{run_dir.name}.yaml")
     observed: dict = {}
-    with observe_loaded_model(observed):
+    with observe_loaded_model(observed), skip_model_writes():
         train(cfg)
-    for written in ("checkpoints", "final"):  # the model copies `train` always writes
-        shutil.rmtree(run_dir / written, ignore_errors=True)
     steps = mftune_steps(run_dir)
     # The peak of this process (a fresh one per case) up to each log line, so that of the last timed step.
     peaks = [s["peak_gib"] for s in steps if s["step"] > profile.warmup_steps and s["peak_gib"] is not None]
@@ -641,9 +660,34 @@ class Runner:
     profile: Profile
     args: argparse.Namespace
     results: list[dict] = field(default_factory=list)
+    deadline: float = math.inf  # `time.monotonic()` past which nothing runs (`--time-budget`)
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def out_of_time(self, case: Case) -> dict | None:
+        """A `skipped` result if the case would not finish within the time left, else None.
+
+        A case is expected to take as long as the longest one of its shape so far (the same model
+        loads, the same steps), or `--case-estimate` seconds for the first of a shape.
+        """
+        walls = [r.get("wall_seconds", 0) for r in self.results if r["shape"] == case.shape]
+        needed = max(walls, default=self.args.case_estimate)
+        if self.time_left() >= needed:
+            return None
+        left = max(self.time_left(), 0)
+        return {
+            **asdict(case),
+            "status": "skipped",
+            "error": f"time budget: {left:.0f} s left, ~{needed:.0f} s needed",
+        }
 
     def subprocess(self, flag: str, spec: dict, name: str) -> dict:
-        """Run this script with `flag spec.json`; its result, or a status saying why there is none."""
+        """Run this script with `flag spec.json`; its result, or a status saying why there is none.
+
+        It is stopped at `--case-timeout` (status `timeout`) or when the time budget runs out
+        (`out_of_time`), whichever comes first.
+        """
         for folder in ("specs", "logs", "results"):
             (self.workdir / folder).mkdir(exist_ok=True)
         spec_path = self.workdir / "specs" / f"{name}.json"
@@ -655,6 +699,7 @@ class Runner:
         env = {**os.environ, **offline}
         if self.args.threads:
             env["OMP_NUM_THREADS"] = str(self.args.threads)
+        budget_binds = self.time_left() < self.args.case_timeout
         try:
             with log.open("w") as out:
                 subprocess.run(
@@ -662,10 +707,12 @@ class Runner:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env=env,
-                    timeout=self.args.case_timeout,
+                    timeout=max(min(self.args.case_timeout, self.time_left()), 1),
                     check=False,
                 )
         except subprocess.TimeoutExpired:
+            if budget_binds:
+                return {"status": "out_of_time", "error": f"stopped at the time budget; log: {log}"}
             return {"status": "timeout", "error": f"over {self.args.case_timeout} s; log: {log}"}
         if result_path.exists():
             return json.loads(result_path.read_text())
@@ -675,8 +722,8 @@ class Runner:
         print("\n".join(tail), file=sys.stderr)
         return {"status": "error", "error": tail[-1] if tail else "no output", "log": str(log)}
 
-    def model(self, shape_name: str, shape: dict) -> tuple[Path, str]:
-        """A saved random-weight model of the shape, and the device's name."""
+    def model(self, shape_name: str, shape: dict) -> tuple[Path, str] | None:
+        """A saved random-weight model of the shape and the device's name; None if time ran out."""
         model_dir = self.workdir / "models" / shape_name
         spec = {
             "shape": shape,
@@ -689,6 +736,8 @@ class Runner:
             result = self.subprocess("--prepare-model", spec, f"model-{shape_name}")
         else:
             result = build_model(spec)
+        if result.get("status") == "out_of_time":
+            return None
         if "device_name" not in result:
             raise SystemExit(f"could not build the {shape_name} model: {result.get('error')}")
         return model_dir, result["device_name"]
@@ -716,8 +765,15 @@ class Runner:
         """Measure a case: the first micro-batch that fits (default), or the fastest that fits (fastest).
 
         A fastest search times `--probe-steps` steps at each size, then measures the fastest in full.
+        A TRL case without trl installed, or one that would not fit in the time budget, is skipped.
         """
-        candidates = micro_batch_candidates(case, self.profile, self.args.micro_batches)
+        if case.side == "trl" and not (util.find_spec("trl") and util.find_spec("datasets")):
+            return {**asdict(case), "status": "skipped", "error": "trl or datasets not installed"}
+        if skipped := self.out_of_time(case):
+            return skipped
+        candidates = micro_batch_candidates(
+            case, self.profile, self.args.micro_batches, self.args.fastest_micro
+        )
         search = case.setting == "fastest" and len(candidates) > 1
         tried: list[dict] = []
         for micro in candidates:
@@ -751,18 +807,23 @@ def attention_setting(case: Case, args: argparse.Namespace) -> str:
     return "flash_attention_2" if util.find_spec("flash_attn") else "default"
 
 
-def micro_batch_candidates(case: Case, profile: Profile, fastest: list[int] | None) -> list[int]:
+def micro_batch_candidates(
+    case: Case, profile: Profile, fastest: list[int] | None, fixed: dict[str, int]
+) -> list[int]:
     """Micro-batch sizes to try, in order: packed rows per forward pass (padded samples for the plain loop).
 
     Defaults are each side's own: mftune's `train.micro_batch_size` (1), TRL's
     `per_device_train_batch_size` (8, halved while it does not fit); the plain loop's batches of 8.
-    A fastest setting tries `fastest`, or every power of two that divides the step's rows.
+    A fastest setting takes the side's size from `fixed` (`--fastest-micro SIDE=N`: no search), else
+    tries `fastest`, or every power of two that divides the step's rows.
     """
     rows = profile.rows_per_step
     if case.side == "plain":
         return [PLAIN_BATCH]
     if case.side == "mftune" and case.setting == "default":
         return [1]
+    if case.setting == "fastest" and case.side in fixed:
+        return [fixed[case.side]] if rows % fixed[case.side] == 0 else []
     if case.setting == "fastest" and fastest:
         return [m for m in fastest if rows % m == 0]
     first = rows if case.setting == "fastest" else min(rows, 8)
@@ -786,18 +847,20 @@ def summarise(raw: dict, profile: Profile) -> dict:
 
 
 def plan_cases(args: argparse.Namespace) -> list[Case]:
-    """Every case the flags select, shape by shape (each shape's model is built once)."""
+    """Every case the flags select, shape by shape (each shape's model is built once), defaults first."""
     cases = []
     for shape in args.shapes:
-        for method in args.methods:
-            if method == "full" and shape not in FULL_FINETUNE_SHAPES:
-                continue
-            for setting in args.settings:
-                cases += [
-                    Case(shape, method, side, setting) for side in ("mftune", "trl") if side in args.sides
-                ]
-            if "plain" in args.sides and method in PLAIN_METHODS:
-                cases.append(Case(shape, method, "plain", "baseline"))
+        methods = [m for m in args.methods if m != "full" or shape in FULL_FINETUNE_SHAPES]
+        # Setting by setting: under a time budget the defaults of every method are measured first.
+        for setting in args.settings:
+            cases += [
+                Case(shape, method, side, setting)
+                for method in methods
+                for side in ("mftune", "trl")
+                if side in args.sides
+            ]
+        if "plain" in args.sides:
+            cases += [Case(shape, m, "plain", "baseline") for m in methods if m in PLAIN_METHODS]
     return cases
 
 
@@ -863,7 +926,7 @@ def run(args: argparse.Namespace, profile: Profile, workdir: Path) -> int:
     """Data, then shape by shape: build the model, run its cases; the JSON is rewritten after each case.
 
     Returns:
-        The exit status: 1 if a case failed other than by running out of memory, else 0.
+        The exit status: 1 if a case failed other than by running out of memory or of time, else 0.
     """
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v))
@@ -876,7 +939,7 @@ def run(args: argparse.Namespace, profile: Profile, workdir: Path) -> int:
         f"{profile.warmup_steps} warm-up + {profile.steps} timed steps",
         flush=True,
     )
-    runner = Runner(workdir, profile, args)
+    runner = Runner(workdir, profile, args, deadline=args.started + (args.time_budget or math.inf))
     cases, flops = plan_cases(args), {}
     report = {
         "command": shlex.join(sys.argv),
@@ -884,6 +947,7 @@ def run(args: argparse.Namespace, profile: Profile, workdir: Path) -> int:
         "versions": versions(),
         "profile": asdict(profile),
         "peak_tflops": args.peak_tflops,
+        "time_budget": args.time_budget,
         "mfu_formula": MFU_FORMULA,
         "data": corpus,
         "models": {},
@@ -893,23 +957,33 @@ def run(args: argparse.Namespace, profile: Profile, workdir: Path) -> int:
         counts = report["models"][shape_name] = model_counts(SHAPES[shape_name])
         for method in METHODS:
             flops[shape_name, method] = flops_per_token(counts, method, corpus["attention_len"])
-        model_dir, report["device"] = runner.model(shape_name, SHAPES[shape_name])
-        print(
-            f"model {shape_name}: {counts['total'] / 1e9:.2f}B parameters on {report['device']}", flush=True
-        )
-        for case in (c for c in cases if c.shape == shape_name):
-            result = runner.run(case, model_dir)
+        shape_cases = [c for c in cases if c.shape == shape_name]
+        built = None if runner.out_of_time(shape_cases[0]) else runner.model(shape_name, SHAPES[shape_name])
+        if built is None:
+            print(f"model {shape_name}: not built, the time budget has run out", flush=True)
+        else:
+            model_dir, report["device"] = built
+            print(f"model {shape_name}: {counts['total'] / 1e9:.2f}B parameters on {built[1]}", flush=True)
+        for case in shape_cases:
+            if built:
+                result = runner.run(case, model_dir)
+            else:
+                result = {
+                    **asdict(case),
+                    "status": "skipped",
+                    "error": "time budget: no time to build the model",
+                }
             runner.results.append(result)
             done = f"{result['tps']:,.0f} tok/s" if result["status"] == "ok" else result["status"]
             print(f"  {case.name}: {done} ({result.get('wall_seconds', 0)} s)", flush=True)
             add_mfu_and_ratios(runner.results, flops, args.peak_tflops)
             args.out.write_text(json.dumps(report, indent=1) + "\n")  # a long run keeps what it measured
-        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(runner.workdir / "models" / shape_name, ignore_errors=True)
     print(f"\ndevice: {report['device']}; peak {args.peak_tflops:g} TFLOP/s\n")
     print(table(runner.results))
     print(f"\ntok/s: real (non-padding) input tokens per second over the timed steps. {MFU_FORMULA}")
     print(f"results: {args.out}")
-    return int(any(r["status"] not in ("ok", "OOM") for r in runner.results))
+    return int(any(r["status"] not in NOT_FAILURES for r in runner.results))
 
 
 def profile_from(args: argparse.Namespace) -> Profile:
@@ -945,6 +1019,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="micro-batch sizes (rows) a fastest setting tries; default: the rows of a step, halved down to 1",
     )
     parser.add_argument(
+        "--fastest-micro",
+        nargs="+",
+        default=[],
+        metavar="SIDE=N",
+        help="a side's micro-batch size at its fastest setting, without a search (e.g. mftune=4 trl=1)",
+    )
+    parser.add_argument(
         "--mftune-attention", default="auto", help="mftune's model.attention in every case (default auto)"
     )
     parser.add_argument(
@@ -959,6 +1040,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", type=Path, help="models, data, runs and logs; default: a temporary folder"
     )
     parser.add_argument("--case-timeout", type=int, default=1800, help="seconds before a case is abandoned")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds for the whole run: a case that would not finish in the time left is skipped, one "
+        "still running when it is spent is stopped; both are reported and do not fail the run",
+    )
+    parser.add_argument(
+        "--case-estimate",
+        type=float,
+        help="seconds the first case of a shape is expected to take, under --time-budget (default 45; smoke 5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument(
         "--threads",
@@ -973,16 +1065,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-case", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.started = time.monotonic()
+    args.fastest_micro = _side_sizes(parser, args.fastest_micro)
+    if args.case_estimate is None:
+        args.case_estimate = 5.0 if args.smoke else 45.0
     if not args.smoke:
         args.methods, args.sides = args.methods or list(METHODS), args.sides or list(SIDES)
         return args
-    if args.methods and "qlora" in args.methods:
-        parser.error("--smoke runs on the CPU, and qlora needs bitsandbytes on CUDA")
+    if args.methods and "qlora" in args.methods and not util.find_spec("bitsandbytes"):
+        parser.error("--smoke with qlora needs bitsandbytes (>= 0.47 runs on the CPU)")
     args.shapes, args.methods = ["tiny"], args.methods or ["full", "lora"]
     args.sides = args.sides or [s for s in SIDES if s != "trl" or util.find_spec("trl")]
     args.micro_batches = args.micro_batches or [2]
     args.threads = args.threads or 1
     return args
+
+
+def _side_sizes(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, int]:
+    """`["mftune=4", "trl=1"]` as `{"mftune": 4, "trl": 1}`; a malformed pair is a usage error."""
+    sizes = {}
+    for pair in pairs:
+        side, _, size = pair.partition("=")
+        if side not in SIDES or not size.isdigit() or int(size) < 1:
+            parser.error(f"--fastest-micro {pair!r}: expected SIDE=N with SIDE one of {', '.join(SIDES)}")
+        sizes[side] = int(size)
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> None:

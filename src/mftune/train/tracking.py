@@ -143,14 +143,15 @@ def environment_snapshot(world_size: int, device: str) -> dict[str, Any]:
         "packages": {name: v for name, v in package_versions(names).items() if v is not None},
         "device": device,
         "world_size": world_size,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     if torch.cuda.is_available():
         snapshot["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return snapshot
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of the checkout mftune runs from, None outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
