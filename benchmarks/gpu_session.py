@@ -216,7 +216,9 @@ def _nvidia_smi() -> str | None:
 def run_environment(session: Session) -> None:
     path = session.workdir / "environment.json"
     status = session.run(
-        [sys.executable, __file__, "--probe-environment", str(path)], "environment", "environment"
+        [sys.executable, str(Path(__file__).resolve()), "--probe-environment", str(path)],
+        "environment",
+        "environment",
     )
     session.report["environment"] = read_json(path) or {"status": status, "error": "the probe did not finish"}
 
