@@ -175,7 +175,7 @@ def train_command(backend: str, config: Path, overrides: list[str], processes: i
 
 def skip_reason(backend: str, gpus: int, processes: int) -> str | None:
     """Why `backend` cannot run here, or None."""
-    from mftune.launch import LaunchError, check_runnable, named_config
+    from mftune.train.launch import LaunchError, check_runnable, named_config
 
     if backend == "single":
         return None
@@ -325,8 +325,8 @@ def prepare_check(args: argparse.Namespace, workdir: Path) -> CheckPlan:
     """The tiny model, the generated data and one config per method, written into `workdir`."""
     import yaml
 
-    from mftune.examples_gen import write_examples
     from mftune.tiny import build_tiny_model
+    from mftune.tiny.examples import write_examples
 
     model_dir = build_tiny_model(
         workdir / "model",

@@ -187,7 +187,7 @@ def chunked_mean_variant(base_model, chunk_size: int) -> Variant:
     """(b) mftune's chunked cross entropy at the targets, plainly averaged: no counts, no coefficients."""
     from mftune.data.collate import IGNORE_INDEX
     from mftune.loss.cross_entropy import lm_head_loss
-    from mftune.model.backbone import hidden_states, output_head
+    from mftune.model.hidden import hidden_states, output_head
 
     model, optimizer, scheduler = _trainer(base_model)
     head = output_head(model)

@@ -1,6 +1,6 @@
 """Benchmark of multi-task quality: what each task-weighting strategy does to every task's accuracy.
 
-A controlled study on the synthetic tasks of `mftune.examples_gen`: four tasks of unequal size (3000 /
+A controlled study on the synthetic tasks of `mftune.tiny.examples`: four tasks of unequal size (3000 /
 1200 / 600 / 250 training records at `--scale 1`) and difficulty, each with a held-out set whose answers
 are exact. Every run starts from the same random-weight tiny llama (built once, one seed) and uses the
 same optimizer steps, learning-rate schedule, batch and seeds (full fine-tuning):
@@ -122,8 +122,8 @@ def prepare(workdir: Path, size: Size, seed: int) -> tuple[Path, Path]:
         `(data_root, model_dir)`: tasks under `data_root/data/<task>/`, held-out sets in
         `data_root/heldout/<task>.jsonl`.
     """
-    from mftune.examples_gen import write_examples
     from mftune.tiny import build_tiny_model
+    from mftune.tiny.examples import write_examples
 
     data_root = workdir / "tasks"
     write_examples(data_root, seed=seed, scale=size.scale, num_heldout=size.heldout)
@@ -244,7 +244,7 @@ class BalancerClock:
     """Adds up the time spent in `TaskBalancer.after_step` (CoBa's probes and weight updates)."""
 
     def __init__(self) -> None:
-        from mftune.train.balancing import TaskBalancer
+        from mftune.train.task_weights import TaskBalancer
 
         self.seconds = 0.0
         original = TaskBalancer.after_step

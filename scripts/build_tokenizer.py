@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         nargs="*",
         default=[REPO_ROOT / "assets" / "tokenizer", tokenizer_path()],
-        help="folders to write (default: assets/tokenizer and src/mftune/assets/tokenizer)",
+        help="folders to write (default: assets/tokenizer and src/mftune/tiny/assets/tokenizer)",
     )
     for out_dir in parser.parse_args(argv).out:
         for path in sorted(build_tokenizer(out_dir).iterdir()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mftune.examples_gen import DEFAULT_SEED, NUM_HELDOUT, write_examples
+from mftune.tiny.examples import DEFAULT_SEED, NUM_HELDOUT, write_examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mftune.examples_gen import FUNCTION_TEMPLATES, NUM_HELDOUT, TASK_SIZES, generate_task, write_examples
 from mftune.tiny import TINY_ARCHITECTURES, TOKENIZER_FILES, VOCAB_SIZE, build_tiny_model, build_tokenizer
+from mftune.tiny.examples import FUNCTION_TEMPLATES, NUM_HELDOUT, TASK_SIZES, generate_task, write_examples
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -14,11 +14,11 @@ import torch
 import yaml
 from torch import nn
 
-from mftune.config_schema import FinetuneConfig, LoraConfig, ModelConfig
+from mftune.config.schema import FinetuneConfig, LoraConfig, ModelConfig
 from mftune.data.collate import Sample, collate_rows
 from mftune.model import attention, hidden_states, load_model, resolve_attention
 from mftune.model.attention import VARLEN_ATTENTION, register_varlen_attention, varlen_attention
-from mftune.model.backbone import model_config
+from mftune.model.hidden import model_config
 from mftune.tiny import build_tiny_model
 from mftune.train.tracking import read_metrics
 

@@ -19,7 +19,7 @@ from mftune.config import (
     dump_config,
     load_config,
 )
-from mftune.config_mftcoder import from_mftcoder, mftcoder_reference_markdown
+from mftune.config.mftcoder import from_mftcoder, mftcoder_reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,9 +27,16 @@ import yaml
 from safetensors.torch import load_file
 
 from mftune.config import load_config
-from mftune.launch import NAMED_CONFIGS, LaunchError, Topology, check_runnable, launch_command, named_config
 from mftune.train.batches import BatchPlan, DataPosition, iterate_steps, rows_for_step, steps_in_epoch
 from mftune.train.checkpoint import latest_checkpoint
+from mftune.train.launch import (
+    NAMED_CONFIGS,
+    LaunchError,
+    Topology,
+    check_runnable,
+    launch_command,
+    named_config,
+)
 from mftune.train.loop import train
 from mftune.train.tracking import read_metrics
 
@@ -518,7 +525,7 @@ def test_fsdp_config_wraps_each_decoder_layer_also_under_lora(monkeypatch, tiny_
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    from mftune.config_schema import FinetuneConfig, ModelConfig
+    from mftune.config.schema import FinetuneConfig, ModelConfig
     from mftune.model.load import load_model
 
     for key, value in _launch_env("fsdp").items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mftune.cli import main
-from mftune.config_schema import FinetuneConfig, LoraConfig, ModelConfig
+from mftune.config.schema import FinetuneConfig, LoraConfig, ModelConfig
 from mftune.data.templates import RoleMarkersTemplate
 from mftune.export import merge_adapter
 from mftune.infer import generate_batch, generate_file, load_for_inference, run_chat, stop_token_ids

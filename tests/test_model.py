@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mftune.config_schema import FinetuneConfig, LoraConfig, ModelConfig
+from mftune.config.schema import FinetuneConfig, LoraConfig, ModelConfig
 from mftune.data.collate import IGNORE_INDEX, Sample, collate_rows
 from mftune.model import (
     hidden_states,
@@ -19,7 +19,7 @@ from mftune.model import (
     resolve_attention,
     resolve_dtype,
 )
-from mftune.model.backbone import model_config
+from mftune.model.hidden import model_config
 from mftune.tiny import TINY_ARCHITECTURES, build_tiny_model
 
 CPU = torch.device("cpu")

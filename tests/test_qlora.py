@@ -15,7 +15,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from safetensors.torch import load_file  # noqa: E402
 
 from mftune.cli import main  # noqa: E402
-from mftune.config_schema import FinetuneConfig, LoraConfig, ModelConfig, QloraConfig  # noqa: E402
+from mftune.config.schema import FinetuneConfig, LoraConfig, ModelConfig, QloraConfig  # noqa: E402
 from mftune.data.collate import Sample, collate_rows  # noqa: E402
 from mftune.export import merge_adapter  # noqa: E402
 from mftune.model import load_model  # noqa: E402

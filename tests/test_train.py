@@ -134,9 +134,9 @@ def test_train_seconds_leave_out_evaluation_and_checkpoints_and_count_coba_probe
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """Evaluation and checkpoint saves, slowed down, do not count; CoBa's probes, slowed down, do."""
-    import mftune.train.balancing as balancing
     import mftune.train.checkpoint as checkpoint
     import mftune.train.loop as loop
+    import mftune.train.task_weights as balancing
     from mftune.train.tracking import MetricsWriter
 
     nap = 0.3

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch_args(commands) -> None:
-    from mftune.launch import NAMED_CONFIGS
+    from mftune.train.launch import NAMED_CONFIGS
 
     launch = commands.add_parser(
         "launch", help="run `train` on many GPUs or machines through `accelerate launch`"
@@ -135,7 +135,7 @@ def _train(args) -> int:
 
 
 def _launch(args) -> int:
-    from mftune.launch import LaunchError, Topology, launch
+    from mftune.train.launch import LaunchError, Topology, launch
 
     topology = Topology(
         num_processes=args.num_processes,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mftune.config_schema import LOSS_ALIASES
+from mftune.config.schema import LOSS_ALIASES
 from mftune.data.collate import IGNORE_INDEX
 
 STRATEGIES = ("token", "sample", "task", "task_sample", "coba")

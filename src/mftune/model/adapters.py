@@ -9,7 +9,7 @@ from torch import nn
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from mftune.config_schema import LoraConfig
+    from mftune.config.schema import LoraConfig
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

@@ -63,7 +63,7 @@ def cuda_varlen_kernel_available(device: torch.device) -> bool:
 
 
 def uses_varlen_attention(config) -> bool:
-    """Whether a model whose `PretrainedConfig` is `config` (see `backbone.model_config`) runs `mftune_varlen`."""
+    """Whether a model whose `PretrainedConfig` is `config` (see `hidden.model_config`) runs `mftune_varlen`."""
     return getattr(config, "_attn_implementation", None) == VARLEN_ATTENTION
 
 

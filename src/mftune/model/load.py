@@ -12,7 +12,7 @@ from mftune.model.adapters import apply_lora
 from mftune.model.attention import cuda_varlen_kernel_available, register_varlen_attention
 
 if TYPE_CHECKING:
-    from mftune.config_schema import FinetuneConfig, ModelConfig, QloraConfig
+    from mftune.config.schema import FinetuneConfig, ModelConfig, QloraConfig
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from mftune.config import Config, dump_config
 from mftune.data.pipeline import MultiTaskData, load_tokenizer, prepare_data
 from mftune.train import checkpoint as ckpt
-from mftune.train.balancing import TaskBalancer
 from mftune.train.batches import BatchPlan, DataPosition, collate_micro_batches, iterate_steps, steps_in_epoch
 from mftune.train.distributed import configure_deepspeed, quiet_other_ranks, shards_state
 from mftune.train.evaluate import evaluate
 from mftune.train.optim import build_optimizer, build_scheduler
 from mftune.train.step import LossSpec, StepResult, train_step
+from mftune.train.task_weights import TaskBalancer
 from mftune.train.tracking import (
     MetricsWriter,
     TrainClock,

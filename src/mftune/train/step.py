@@ -20,7 +20,7 @@ from mftune.loss.weighting import (
     select_targets,
     token_coefficients,
 )
-from mftune.model.backbone import forward_hidden, model_config, output_head
+from mftune.model.hidden import forward_hidden, model_config, output_head
 from mftune.train.batches import to_device
 from mftune.train.distributed import backend_loss_scale, micro_batch_context
 

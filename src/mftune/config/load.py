@@ -1,9 +1,5 @@
-"""The run configuration: loaded from YAML or JSON with `key.path=value` overrides, validated at load time.
-
-The schema (`mftune.config_schema`, re-exported here) forbids unknown keys, spells every choice as a
-closed `Literal` and documents every field, from which `docs/config.md` is generated
-(`config_reference_markdown`). Mistakes surface at load time as one `ConfigError` that names the
-file, each dotted path, the bad value and the allowed values, and suggests the nearest valid key.
+"""Reading a config: YAML or JSON (an MFTCoder config translated first), `key.path=value` overrides,
+paths made absolute, validated once against the schema; and writing it back.
 """
 
 from __future__ import annotations
@@ -18,47 +14,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mftune._config_errors import ConfigError, describe_errors
-from mftune._config_reference import reference_markdown
-from mftune.config_mftcoder import from_mftcoder, looks_like_mftcoder
-from mftune.config_schema import (
-    LOSS_ALIASES,
-    CobaConfig,
-    Config,
-    DataConfig,
-    EarlyStopping,
-    FinetuneConfig,
-    LoraConfig,
-    ModelConfig,
-    QloraConfig,
-    RoleMarkers,
-    TaskConfig,
-    TemplateConfig,
-    TrainConfig,
-    tasks_as_dict,
-)
-
-__all__ = [
-    "LOSS_ALIASES",
-    "CobaConfig",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "EarlyStopping",
-    "FinetuneConfig",
-    "LoraConfig",
-    "ModelConfig",
-    "QloraConfig",
-    "RoleMarkers",
-    "TaskConfig",
-    "TemplateConfig",
-    "TrainConfig",
-    "config_reference_markdown",
-    "config_to_dict",
-    "dump_config",
-    "load_config",
-    "validate_config",
-]
+from mftune.config.errors import ConfigError, describe_errors
+from mftune.config.mftcoder import from_mftcoder, looks_like_mftcoder
+from mftune.config.reference import reference_markdown
+from mftune.config.schema import Config, tasks_as_dict
 
 logger = logging.getLogger(__name__)
 

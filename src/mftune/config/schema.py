@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mftune._config_errors import field_error
+from mftune.config.errors import field_error
 
 # MFTCoder's loss mode names, accepted for `train.loss`. The only place they are mapped.
 LOSS_ALIASES: dict[str, str] = {"case1": "token", "case2": "sample", "case3": "task", "case4": "task_sample"}

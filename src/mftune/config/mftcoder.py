@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mftune._config_errors import ConfigError
+from mftune.config.errors import ConfigError
 
 
 @dataclass(frozen=True)
