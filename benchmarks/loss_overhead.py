@@ -44,6 +44,7 @@ from types import SimpleNamespace
 
 import torch
 import yaml
+from benchlib import markdown_table, versions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 TASK_WEIGHTS = {"arithmetic": 1.0, "list_ops": 1.0, "write_function": 2.0, "write_test": 3.0}
@@ -296,14 +297,12 @@ def _paired(times: list[float], reference: list[float]) -> tuple[float, float, f
     return statistics.median(ratios), low, high
 
 
-def markdown_table(variants: list[Variant], weighting: dict[str, tuple[float, float]]) -> str:
+def variants_table(variants: list[Variant], weighting: dict[str, tuple[float, float]]) -> str:
     """One row per variant; differences are step-by-step against (b) and (a), the median and its IQR."""
     full, chunked = variants[0], variants[1]
-    lines = [
-        "| variant | wall ms/step | CPU ms/step | vs (b), wall | vs (b), CPU | vs (a), wall "
-        "| weighting alone, ms (% of step) | + logging sums, ms (% of step) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["variant", "wall ms/step", "CPU ms/step", "vs (b), wall", "vs (b), CPU", "vs (a), wall"]
+    header += ["weighting alone, ms (% of step)", "+ logging sums, ms (% of step)"]
+    rows = []
     for variant in variants:
         wall = _median_ms(variant.wall)
         cells = [variant.name, f"{wall:.0f}", f"{_median_ms(variant.cpu):.0f}"]
@@ -312,18 +311,15 @@ def markdown_table(variants: list[Variant], weighting: dict[str, tuple[float, fl
             (variant.cpu, chunked.cpu),
             (variant.wall, full.wall),
         ):
-            if times is reference:
-                cells.append("-")
-            else:
-                median, low, high = _paired(times, reference)
-                cells.append(f"{median:+.1f}% [{low:+.1f}, {high:+.1f}]")
+            median, low, high = _paired(times, reference)
+            cells.append("-" if times is reference else f"{median:+.1f}% [{low:+.1f}, {high:+.1f}]")
         strategy = variant.name.rsplit("loss=", 1)[-1] if "loss=" in variant.name else None
         if strategy in weighting:
             cells += [f"{ms:.2f} ({100 * ms / wall:.2f}%)" for ms in weighting[strategy]]
         else:
             cells += ["-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows, right=range(1, 8))
 
 
 def describe_steps(steps: list[list[dict]]) -> str:
@@ -366,9 +362,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {_load()}"
     )
-    print(
-        f"torch {torch.__version__}, transformers {_version('transformers')}, python {platform.python_version()}"
-    )
+    print(", ".join(f"{k} {v}" for k, v in versions(("torch", "transformers")).items() if v))
     print(
         f"model: tiny llama, hidden {args.hidden_size}, {args.num_layers} layers, vocab {base.config.vocab_size}, "
         f"{params / 1e6:.2f}M parameters, fp32, sdpa"
@@ -388,7 +382,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         s: weighting_only_ms(timed_steps, s, task_weights, args.weighting_repeats) for s in STRATEGIES
     }
     print(f"measured in {time.perf_counter() - start:.0f} s; load average now {_load()}\n")
-    print(markdown_table(variants, weighting))
+    print(variants_table(variants, weighting))
     chunked = _median_ms(variants[1].wall)
     costliest = max(book for _, book in weighting.values())
     end_to_end = [_paired(v.wall, variants[1].wall)[0] for v in variants[2:]]
@@ -407,12 +401,6 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 def _load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _version(package: str) -> str | None:
-    from mftune.train.tracking import package_versions
-
-    return package_versions((package,))[package]
 
 
 def main(argv: list[str] | None = None) -> None:

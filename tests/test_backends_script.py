@@ -4,7 +4,6 @@ comparisons, command lines and tables on hand-made inputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,20 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import backend_checks as checks  # benchmarks/ is on pytest's path (pyproject.toml)
+import backends
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "backends.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("mftune_backends_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-backends = _load_script()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +80,7 @@ def _continued(losses: list[float], **kwargs) -> list[dict]:
 
 
 def test_compare_resumed_accepts_an_exact_continuation():
-    verdict = backends.compare_resumed(STRAIGHT, _continued([8.3, 8.1, 7.9, 7.6]), 2, tol=0.0)
+    verdict = checks.compare_resumed(STRAIGHT, _continued([8.3, 8.1, 7.9, 7.6]), 2, tol=0.0)
     assert verdict == {"ok": True, "max_diff": 0.0, "problems": []}
 
 
@@ -108,20 +98,20 @@ def test_compare_resumed_accepts_an_exact_continuation():
     ],
 )
 def test_compare_resumed_fails_when_the_resumed_run_differs(resumed, tol, expected):
-    verdict = backends.compare_resumed(STRAIGHT, resumed, 2, tol=tol)
+    verdict = checks.compare_resumed(STRAIGHT, resumed, 2, tol=tol)
     assert not verdict["ok"]
     assert any(expected in problem for problem in verdict["problems"]), verdict["problems"]
 
 
 def test_compare_resumed_accepts_differences_within_the_tolerance():
-    verdict = backends.compare_resumed(STRAIGHT, _continued([8.3, 8.1, 7.9, 7.6 + 1e-3]), 2, tol=2e-3)
+    verdict = checks.compare_resumed(STRAIGHT, _continued([8.3, 8.1, 7.9, 7.6 + 1e-3]), 2, tol=2e-3)
     assert verdict["ok"] and verdict["max_diff"] == pytest.approx(1e-3)
 
 
 def test_loss_difference_against_single():
-    assert backends.loss_difference(STRAIGHT, STRAIGHT) == 0.0
-    assert backends.loss_difference(_rows([8.3, 8.0, 7.9, 7.6]), STRAIGHT) == pytest.approx(0.1)
-    assert backends.loss_difference(_rows([8.3, 8.1, 7.9]), STRAIGHT) == math.inf  # other steps
+    assert checks.loss_difference(STRAIGHT, STRAIGHT) == 0.0
+    assert checks.loss_difference(_rows([8.3, 8.0, 7.9, 7.6]), STRAIGHT) == pytest.approx(0.1)
+    assert checks.loss_difference(_rows([8.3, 8.1, 7.9]), STRAIGHT) == math.inf  # other steps
 
 
 # --- command lines, skips and tables -----------------------------------------------------------------
@@ -129,28 +119,28 @@ def test_loss_difference_against_single():
 
 def test_single_trains_in_one_process_and_the_others_launch():
     config, overrides = Path("c.yaml"), ["train.output_dir=/x"]
-    single = backends.train_command("single", config, overrides, processes=4)
+    single = checks.train_command("single", config, overrides, processes=4)
     assert single == [sys.executable, "-m", "mftune.cli", "train", "c.yaml", "train.output_dir=/x"]
-    zero3 = backends.train_command("zero3", config, overrides, processes=4)
+    zero3 = checks.train_command("zero3", config, overrides, processes=4)
     assert zero3[:5] == [sys.executable, "-m", "mftune.cli", "launch", "c.yaml"]
     assert zero3[5:9] == ["--accelerate", "zero3", "--num-processes", "4"]
     assert zero3[9] == "--main-process-port" and zero3[-1] == "train.output_dir=/x"
 
 
 def test_skip_reasons(monkeypatch):
-    real = backends.util.find_spec
-    monkeypatch.setattr(backends.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
-    assert backends.skip_reason("zero2-offload", gpus=8, processes=2) == (
+    real = checks.util.find_spec
+    monkeypatch.setattr(checks.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
+    assert checks.skip_reason("zero2-offload", gpus=8, processes=2) == (
         "deepspeed not installed (pip install deepspeed)"
     )
-    assert "needs CUDA GPUs" in backends.skip_reason("fsdp", gpus=0, processes=1)
-    assert backends.skip_reason("fsdp", gpus=1, processes=2) == "needs 2 GPUs, 1 here"
-    assert backends.skip_reason("ddp", gpus=0, processes=2) is None  # gloo on CPUs
-    assert backends.skip_reason("single", gpus=0, processes=8) is None
+    assert "needs CUDA GPUs" in checks.skip_reason("fsdp", gpus=0, processes=1)
+    assert checks.skip_reason("fsdp", gpus=1, processes=2) == "needs 2 GPUs, 1 here"
+    assert checks.skip_reason("ddp", gpus=0, processes=2) is None  # gloo on CPUs
+    assert checks.skip_reason("single", gpus=0, processes=8) is None
 
 
 def test_check_table_shows_failures_and_skips():
-    tol = backends.Tolerances(loss=0.05, resume=2e-3, logits=1e-4)
+    tol = checks.Tolerances(loss=0.05, resume=2e-3, logits=1e-4)
     ok = {"ok": True, "max_diff": 0.0, "problems": []}
     rows = [
         {"backend": "single", "method": "full", "status": "ok", "train_ok": True, "resume": ok, "merge": ok,

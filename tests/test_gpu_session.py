@@ -10,19 +10,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+import gpu_session as session
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
-
-
-@pytest.fixture
-def session(monkeypatch: pytest.MonkeyPatch):
-    """benchmarks/gpu_session.py as a module (it imports its sibling scripts by name)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import gpu_session
-
-    return gpu_session
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +131,7 @@ def test_smoke_keeps_every_log(smoke) -> None:
     assert any(n.startswith("throughput-0.5b/logs/tiny-full-mftune-default") for n in names)  # a case's own
 
 
-def test_each_part_keeps_what_the_later_parts_reserve(session) -> None:
+def test_each_part_keeps_what_the_later_parts_reserve() -> None:
     parts = (session.Part("a", 100, 10), session.Part("b", 50, 30), session.Part("c", 60, 20))
     # Early: each part is held to its own budget.
     assert session.part_deadline("a", now=0, end=200, parts=parts) == 100
@@ -152,7 +144,7 @@ def test_each_part_keeps_what_the_later_parts_reserve(session) -> None:
     assert session.part_deadline("c", now=100, end=200, parts=parts) == 160
 
 
-def test_speed_goals_need_both_numbers(session) -> None:
+def test_speed_goals_need_both_numbers() -> None:
     def row(method: str, side: str, setting: str, **values) -> dict:
         return {"method": method, "side": side, "setting": setting, "status": "ok", "tps": 100.0, **values}
 

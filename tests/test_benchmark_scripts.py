@@ -1,0 +1,57 @@
+"""The CPU benchmarks run end to end at tiny sizes and print their tables (their numbers mean nothing here):
+the task-weighting overhead, the data pipeline, and the multi-task quality study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchlib import markdown_table
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *flags: str) -> str:
+    argv = [sys.executable, str(BENCHMARKS / script), *flags]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_loss_overhead_times_every_strategy() -> None:
+    out = _run(
+        "loss_overhead.py", "--steps", "2", "--warmup", "1", "--hidden-size", "64", "--num-layers", "2"
+    )
+    for strategy in ("token", "sample", "task", "task_sample"):
+        assert f"| (c) train_step, loss={strategy} |" in out
+    assert "| (a) " in out and "goal: weighting < 3% of a step" in out
+
+
+def test_data_pipeline_compares_with_the_naive_baseline() -> None:
+    out = _run("data_pipeline.py", "--megabytes", "0.2", "--num-proc", "1", "--max-seq-len", "512")
+    assert "| naive: per-segment tokenize" in out and "| mftune: prepare_data, warm cache |" in out
+    assert "isolated packing at 512: fill" in out
+
+
+def test_multitask_quality_scores_every_task(tmp_path: Path) -> None:
+    flags = ["--strategies", "task", "--skip-single", "--steps", "3", "--heldout", "3", "--scale", "0.05"]
+    out = _run("multitask_quality.py", *flags, "--workdir", str(tmp_path))
+    assert "| task | " in out
+    (result,) = json.loads((tmp_path / "seed-0" / "results.json").read_text())["results"]
+    assert result["steps"] == 3 and set(result["per_task"]) == {
+        "arithmetic",
+        "list_ops",
+        "write_function",
+        "write_test",
+    }
+    assert all(v["n"] == 3 and 0 <= v["exact"] <= 1 for v in result["per_task"].values())
+
+
+@pytest.mark.parametrize("right", [(), (1,)])
+def test_markdown_table_aligns_the_columns_it_is_told(right) -> None:
+    table = markdown_table(["name", "value"], [["a", "1"], ["b", "22"]], right=right)
+    rule = "| --- | ---: |" if right else "| --- | --- |"
+    assert table.splitlines() == ["| name | value |", rule, "| a | 1 |", "| b | 22 |"]
