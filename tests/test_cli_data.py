@@ -7,6 +7,7 @@ from the records' answers, and prompt ids from `apply_chat_template` with the ro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -207,7 +208,7 @@ def test_inspect_marks_the_answer_and_its_stop_token(capsys, examples_config):
     assert code == 0, err
     assert f"train.jsonl:{index + 1})" in out
     body = out.split("\n\n", 1)[1]  # the sample, after the header lines
-    assert f"⟦{record['output']}{STOP}⟧" in body
+    assert f"⟦{record['output']}\n{STOP}⟧" in body  # MFTCoder's format: the answer's newline is trained
     assert body.count("⟦") == 1
     assert "\x1b[" not in out
 
@@ -233,7 +234,7 @@ def test_inspect_marks_every_assistant_turn_of_a_conversation(capsys, examples_c
     body = out.split("\n\n", 1)[1]
     assert body.count("⟦") == len(answers) > 1
     for answer in answers:
-        assert f"⟦{answer}{STOP}⟧" in body
+        assert f"⟦{answer}\n{STOP}⟧" in body
 
 
 @pytest.mark.parametrize("index", [250, -1])
@@ -278,7 +279,7 @@ def test_dump_trains_exactly_the_answers_on_the_ids_inference_sees(
             tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
             for a, b in runs
         ]
-        assert decoded == [messages[i]["content"] + STOP for i in turns], sample["source"]
+        assert decoded == [messages[i]["content"] + "\n" + STOP for i in turns], sample["source"]
 
         # Each answer starts right after the ids of its prompt as inference tokenizes it.
         for (start, _), turn in zip(runs, turns, strict=True):
@@ -287,6 +288,10 @@ def test_dump_trains_exactly_the_answers_on_the_ids_inference_sees(
             )
             assert ids[:start] == tokenizer(prompt)["input_ids"], sample["source"]
         full = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+        if "instruction" in read_record(Path(file), int(line)):
+            full = full.removesuffix(
+                "\n"
+            )  # MFTCoder writes nothing after a prompt/answer record's stop token
         assert sample["text"] == full
         assert ids == tokenizer(full)["input_ids"]
 
@@ -359,6 +364,8 @@ def test_the_data_command_line_surface_is_pinned():
         "--task",
         "--index",
         "--dump",
+        "--dump-rows",
+        "--epoch",
         "--color {auto,always,never}",
     }
     assert data["inspect"].get_default("index") == 0
@@ -371,3 +378,58 @@ def test_validate_accepts_a_task_given_as_one_file(capsys, tmp_path, tokenizer_d
     code, out, _ = run(capsys, "data", "validate", write_config(tmp_path, tokenizer_dir, {"ops": single}))
     assert code == 0
     assert table(out)["ops"]["kept"] == str(count_records(single))
+
+
+def _rows_and_samples(capsys, tmp_path, config) -> tuple[list[dict], dict[str, dict]]:
+    """The dumped rows of epoch 0 and the dumped samples by source."""
+    rows_path, samples_path = tmp_path / "rows.jsonl", tmp_path / "samples.jsonl"
+    code, out, err = run(capsys, "data", "inspect", config, "--dump-rows", rows_path)
+    assert code == 0, err
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert f"wrote {len(rows)} rows of epoch 0" in out
+    assert run(capsys, "data", "inspect", config, "--dump", samples_path)[0] == 0
+    samples = {s["source"]: s for s in map(json.loads, samples_path.read_text().splitlines())}
+    return rows, samples
+
+
+def test_dump_rows_under_sequential_packing_keeps_samples_whole(capsys, tmp_path, tokenizer_dir):
+    """MFTCoder's pack: every row is whole samples laid end to end, and a row closes only when the next sample
+    would not fit in it."""
+    config = write_config(tmp_path, tokenizer_dir, {t: EXAMPLES / t for t in TASKS}, packing="sequential")
+    rows, samples = _rows_and_samples(capsys, tmp_path, config)
+    lengths = []
+    for row in rows:
+        ids, offset = [], 0
+        for piece in row["pieces"]:
+            sample = samples[piece["source"]]
+            assert piece["start"] == 0 and piece["end"] == len(sample["input_ids"])  # whole
+            assert piece["offset"] == offset and piece["task"] == sample["task"]
+            ids += sample["input_ids"]
+            offset = len(ids)
+        assert row["input_ids"] == ids and len(ids) <= 256
+        lengths.append((len(ids), len(samples[row["pieces"][0]["source"]]["input_ids"])))
+    for (used, _), (_, next_first) in itertools.pairwise(lengths):
+        assert used + next_first > 256
+    # One epoch trains every training sample once: all of them but the validation split.
+    _, out, _ = run(capsys, "data", "validate", config)
+    assert sum(len(r["pieces"]) for r in rows) == len(samples) - int(table(out)["all"]["valid"])
+
+
+def test_dump_rows_under_contiguous_packing_overlaps_windows_by_one(capsys, tmp_path, tokenizer_dir):
+    """MFTCoder's concat: the stream of samples cut into windows of max_seq_len tokens, each starting on the
+    last token of the one before."""
+    config = write_config(tmp_path, tokenizer_dir, {"list_ops": EXAMPLES / "list_ops"}, packing="contiguous")
+    rows, samples = _rows_and_samples(capsys, tmp_path, config)
+    stream = []
+    for row in rows:
+        window = [t for p in row["pieces"] for t in samples[p["source"]]["input_ids"][p["start"] : p["end"]]]
+        assert row["input_ids"] == window
+        if stream:
+            assert window[0] == stream[-1]
+            stream += window[1:]
+        else:
+            stream = window
+    assert all(len(r["input_ids"]) == 256 for r in rows[:-1])
+    # The stream is the samples laid end to end, in the order they come.
+    order = dict.fromkeys(p["source"] for r in rows for p in r["pieces"])
+    assert stream == [t for source in order for t in samples[source]["input_ids"]]

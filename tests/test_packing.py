@@ -1,8 +1,6 @@
-"""Packing (isolated and contiguous) and collation into model tensors."""
+"""Packing (isolated, sequential and contiguous) and collation into model tensors."""
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mftune.data.collate import Sample, block_diagonal_mask, collate_rows
-from mftune.data.packing import fill_ratio, pack_contiguous, pack_isolated
+from mftune.data.packing import fill_ratio, pack_contiguous, pack_isolated, pack_sequential
 
 
 def _rows(rows: list[np.ndarray]) -> list[list[int]]:
@@ -67,35 +65,64 @@ def test_pack_isolated_rejects_bad_lengths():
     assert pack_isolated(np.array([], dtype=np.int64), 8, window=4) == []
 
 
-# --- contiguous packing -------------------------------------------------------------
+# --- sequential packing (MFTCoder's pack) -----------------------------------------------
+
+
+def test_pack_sequential_by_hand():
+    # 3 opens a row; 3 + 4 > 6 opens the next; 4 + 2 = 6 fits; 6 + 1 > 6 opens the next; 1 + 4 fits.
+    assert _rows(pack_sequential(np.array([3, 4, 2, 1, 4]), 6)) == [[0], [1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="more than max_len"):
+        pack_sequential(np.array([7]), 6)
+
+
+def _mftcoder_pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """MFTCoder's `pack` as its encoder runs it: a buffer of whole samples, emitted when the next does not fit;
+    samples over the capacity dropped; the last buffer never emitted."""
+    rows, buffer, used = [], [], 0
+    for index, n in enumerate(lengths):
+        if n > capacity:
+            continue
+        if used + n > capacity:
+            rows.append(buffer)
+            buffer, used = [index], n
+        else:
+            buffer, used = [*buffer, index], used + n
+    return rows
+
+
+def test_pack_sequential_builds_mftcoders_rows_and_keeps_the_last():
+    lengths = np.random.default_rng(3).integers(1, 200, size=500)
+    rows = _rows(pack_sequential(lengths, 512))
+    assert rows[:-1] == _mftcoder_pack(lengths.tolist(), 512)  # MFTCoder drops the last, partial row
+    assert [i for row in rows for i in row] == list(range(len(lengths)))  # whole samples, in order
+
+
+# --- contiguous packing (MFTCoder's concat) -----------------------------------------------
 
 
 def test_pack_contiguous_by_hand():
-    # Stream: s0 [0,3) s1 [3,8) s2 [8,10) s3 [10,16), cut every 4 tokens.
+    # Stream: s0 [0,3) s1 [3,8) s2 [8,10) s3 [10,16); windows of 4 tokens starting every 3.
     assert pack_contiguous(np.array([3, 5, 2, 6]), 4) == [
-        [(0, 0, 3), (1, 0, 1)],
-        [(1, 1, 5)],
-        [(2, 0, 2), (3, 0, 2)],
-        [(3, 2, 6)],
+        [(0, 0, 3), (1, 0, 1)],  # [0, 4)
+        [(1, 0, 4)],  # [3, 7)
+        [(1, 3, 5), (2, 0, 2)],  # [6, 10)
+        [(2, 1, 2), (3, 0, 3)],  # [9, 13)
+        [(3, 2, 6)],  # [12, 16)
     ]
 
 
-def test_pack_contiguous_covers_every_token_once():
+def test_pack_contiguous_predicts_every_token_once():
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 300, size=2000)
     max_len = 128
+    starts = np.cumsum(lengths) - lengths
     rows = pack_contiguous(lengths, max_len)
-    row_lengths = [sum(end - start for _, start, end in row) for row in rows]
-    assert all(n == max_len for n in row_lengths[:-1]) and 0 < row_lengths[-1] <= max_len
-    covered: dict[int, list[tuple[int, int]]] = {}
-    for row in rows:
-        for sample, start, end in row:
-            covered.setdefault(sample, []).append((start, end))
-    assert sorted(covered) == list(range(len(lengths)))
-    for sample, spans in covered.items():
-        # Pieces of a sample come in order, touch each other and end at its length.
-        assert spans[0][0] == 0 and spans[-1][1] == lengths[sample]
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    stream = [[int(starts[k]) + t for k, a, b in row for t in range(a, b)] for row in rows]
+    assert all(len(row) == max_len for row in stream[:-1]) and 1 < len(stream[-1]) <= max_len
+    for k, row in enumerate(stream):  # each window is one run of the stream, starting where the last ended
+        assert row == list(range(k * (max_len - 1), k * (max_len - 1) + len(row)))
+    targets = [t for row in stream for t in row[1:]]  # a window's first token is no target in it
+    assert targets == list(range(1, int(lengths.sum())))
 
 
 def test_fill_ratio():

@@ -51,15 +51,16 @@ def test_role_markers_render_mftcoder_format(tokenizer):
     rendered = template.render(CONV)
     assert (
         rendered.text
-        == "<s>system\nBe brief.\n<s>human\n2 + 2?\n<s>bot\n4</s>\n<s>human\nand 3 * 3?\n<s>bot\n9</s>\n"
+        == "<s>system\nBe brief.\n<s>human\n2 + 2?\n<s>bot\n4\n</s>\n<s>human\nand 3 * 3?\n<s>bot\n9\n</s>\n"
     )
-    assert [rendered.text[s:e] for s, e in rendered.spans] == ["4</s>", "9</s>"]
+    # The answer, its newline and the stop token are trained; the newline after the stop token is not.
+    assert [rendered.text[s:e] for s, e in rendered.spans] == ["4\n</s>", "9\n</s>"]
 
 
 def test_role_markers_labels_every_assistant_turn_and_its_eos(tokenizer):
     template, stop = template_of(tokenizer)
     sample = tokenize_rendered(tokenizer, render(template, CONV, stop), 512, "drop")
-    assert trained_text(tokenizer, sample) == ["4</s>", "9</s>"]
+    assert trained_text(tokenizer, sample) == ["4\n</s>", "9\n</s>"]
     eos_positions = np.flatnonzero(sample.input_ids == tokenizer.eos_token_id)
     assert len(eos_positions) == 2 and sample.trained[eos_positions].all()
 
@@ -70,9 +71,9 @@ def test_custom_markers(tokenizer):
     )
     conv = Conversation(turns=(Turn("user", "Hi"), Turn("assistant", "Hello")))
     rendered = template.render(conv)
-    assert rendered.text == "### Instruction:\nHi\n### Response:\nHello</s>\n"
+    assert rendered.text == "### Instruction:\nHi\n### Response:\nHello\n</s>\n"
     sample = tokenize_rendered(tokenizer, rendered, 512, "drop")
-    assert trained_text(tokenizer, sample) == ["Hello</s>"]
+    assert trained_text(tokenizer, sample) == ["Hello\n</s>"]
 
 
 @pytest.mark.parametrize("kind", ["role_markers", "tokenizer"])
@@ -185,7 +186,7 @@ def test_overlong_drop_and_truncate(tokenizer):
     assert info.value.reason == "overlong"
     kept = tokenize_rendered(tokenizer, rendered, n - 1, "truncate")
     assert kept.truncated and len(kept.input_ids) == n - 1
-    assert trained_text(tokenizer, kept)[0] == "4</s>"
+    assert trained_text(tokenizer, kept)[0] == "4\n</s>"
     # Cut before the first answer: nothing left to train is never trained silently.
     cut = re.search("<s>bot", rendered.text).start()
     short = len(tokenizer(rendered.text[:cut], add_special_tokens=False)["input_ids"])
@@ -197,8 +198,8 @@ def test_overlong_drop_and_truncate(tokenizer):
 def test_role_markers_template_class_direct():
     template = RoleMarkersTemplate("S:", "U:", "A:", "<eos>")
     rendered = template.render(Conversation((Turn("user", "q"), Turn("assistant", "a"))))
-    assert rendered.text == "U:q\nA:a<eos>\n"
-    assert rendered.spans == ((6, 12),)  # "U:q\n" + "A:" = 6 chars, then "a<eos>"
+    assert rendered.text == "U:q\nA:a\n<eos>\n"
+    assert rendered.spans == ((6, 13),)  # "U:q\n" + "A:" = 6 chars, then "a\n<eos>"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert template.render_prompt([{"role": "user", "content": "q"}]) == "U:q\nA:"

@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--dump", metavar="FILE.jsonl", help="write task, input_ids, labels, text per sample"
     )
+    inspect.add_argument(
+        "--dump-rows",
+        metavar="FILE.jsonl",
+        help="write the packed training rows of an epoch: ids, labels and each piece's sample and source",
+    )
+    inspect.add_argument("--epoch", type=int, default=0, help="the epoch --dump-rows writes (default 0)")
     inspect.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
     merge = commands.add_parser("merge", help="fold a trained adapter into its base model")
@@ -184,7 +190,7 @@ def _data_validate(args) -> int:
 
 
 def _data_inspect(args) -> int:
-    from mftune.data.inspect import dump_samples, highlight
+    from mftune.data.inspect import dump_rows, dump_samples, highlight
 
     _cfg, tokenizer, data = _load_data(args, raise_on_errors=False)
     by_name = {t.name: t for t in data.tasks}
@@ -195,6 +201,11 @@ def _data_inspect(args) -> int:
         chosen = [by_name[args.task]] if args.task else data.tasks
         count = dump_samples(tokenizer, [t.tokenized for t in chosen], args.dump)
         print(f"wrote {count} samples to {args.dump}")
+        return 0
+    if args.dump_rows:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        count = dump_rows(data, args.dump_rows, args.epoch, pad_id)
+        print(f"wrote {count} rows of epoch {args.epoch} (packing {data.packing}) to {args.dump_rows}")
         return 0
     task = by_name[args.task] if args.task else data.tasks[0]
     if not 0 <= args.index < len(task.tokenized):

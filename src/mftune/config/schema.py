@@ -171,12 +171,16 @@ class DataConfig(_Section):
     overlong: Literal["drop", "truncate"] = Field(
         "drop", description="What happens to samples longer than max_seq_len (counted per task)."
     )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="Tokens trained: every assistant turn with its stop token, or all (the whole rendered text, as MFTCoder's tokenize_mode pretrain).",
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="Bad records: fail lists them all before training; skip drops and counts them."
     )
-    packing: Literal["none", "isolated", "contiguous"] = Field(
+    packing: Literal["none", "isolated", "sequential", "contiguous"] = Field(
         "isolated",
-        description="none: one padded sample per row; isolated: bin-packed rows, no attention across samples; contiguous: concatenated samples attending to each other.",
+        description="none: one padded sample per row (MFTCoder's padding); isolated: whole samples bin-packed, no attention across samples; sequential: whole samples in order, a new row when the next does not fit, attending to each other (MFTCoder's pack); contiguous: the token stream cut into windows overlapping by one token, attending to each other (MFTCoder's concat, for pre-training).",
     )
     packing_window: int = Field(10000, ge=1, description="Samples per best-fit-decreasing packing window.")
     valid_ratio: float = Field(

@@ -33,7 +33,7 @@ from mftune.data.reader import (
 from mftune.data.templates import Template, render
 from mftune.data.tokenize import SampleDropped, tokenize_rendered
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: piecewise tokenization, MFTCoder's role-marker rendering
 _CHUNK = 1000
 _ARRAYS = ("input_ids", "trained", "offsets", "sources")
 
@@ -90,6 +90,7 @@ class TokenizeSettings:
     max_len: int
     overlong: str
     template_kind: str
+    train_on: str = "assistant"
 
     def fingerprint(self) -> str:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -106,6 +107,7 @@ class TokenizeSettings:
             self.stop_token,
             str(self.max_len),
             self.overlong,
+            self.train_on,
         ):
             h.update(part.encode("utf-8"))
             h.update(b"\0")
@@ -220,7 +222,7 @@ def _tokenize_chunk(job: tuple[int, str, str, list[tuple[int, Any]]]) -> dict[st
         try:
             conversation = parse_record(record, fmt)
             sample = tokenize_rendered(
-                s.tokenizer, render(s.template, conversation, s.stop_token), s.max_len, s.overlong
+                s.tokenizer, render(s.template, conversation, s.stop_token, s.train_on), s.max_len, s.overlong
             )
         except RecordError as e:
             errors.append(DataError(path, line, e.field, f"{e.reason} ({fmt} format)"))

@@ -22,12 +22,15 @@ ROLE_ALIASES: dict[str, Role] = {
     "gpt": "assistant",
 }
 
-# Single-turn pairs (prompt key, answer key), tried in order after alpaca's instruction/output.
+# Single-turn pairs (prompt key, answer key), tried in order after alpaca's instruction/output. MFTCoder's
+# encoder reads the same pairs (instruction/response and question/response among them).
 QA_PAIRS = (
     ("prompt", "answer"),
     ("prompt", "response"),
     ("prompt", "completion"),
+    ("instruction", "response"),
     ("question", "answer"),
+    ("question", "response"),
     ("query", "answer"),
     ("input", "output"),
 )
@@ -76,7 +79,7 @@ def parse_record(record: Any, fmt: str) -> Conversation:
     turns = parser(record)
     if fmt != "text":
         _check_turn_order(turns, _TURN_FIELD[fmt])
-    return Conversation(turns=tuple(turns), record=dict(record))
+    return Conversation(turns=tuple(turns), record=dict(record), source_format=fmt)
 
 
 def _parse_turn_list(record: Mapping, key: str, role_key: str, content_key: str) -> list[Turn]:
@@ -132,7 +135,7 @@ def _parse_alpaca(record: Mapping) -> list[Turn]:
     system = _string_field(record, "system", required=False)
     if system:
         turns.append(Turn("system", system))
-    if "instruction" in record:
+    if "instruction" in record and ("output" in record or "response" not in record):
         history = record.get("history") or []
         if not isinstance(history, list):
             raise RecordError("history", "expected a list of [prompt, answer] pairs")

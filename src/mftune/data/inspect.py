@@ -1,4 +1,4 @@
-"""Show a tokenized sample with its trained tokens marked, or dump samples for tests and audits."""
+"""Show a tokenized sample with its trained tokens marked, or dump samples or packed rows for tests and audits."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from mftune.data.cache import TokenizedTask
+from mftune.data.collate import collate_rows
+from mftune.data.pipeline import MultiTaskData
 
 _ANSI_ON, _ANSI_OFF = "\x1b[1;32m", "\x1b[0m"
 _PLAIN_ON, _PLAIN_OFF = "⟦", "⟧"
@@ -54,4 +56,41 @@ def dump_samples(tokenizer, tasks: Iterable[TokenizedTask], path: str | Path) ->
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
+    return count
+
+
+def dump_rows(data: MultiTaskData, path: str | Path, epoch: int = 0, pad_id: int = 0) -> int:
+    """Write the training rows of one epoch as `data.packing` builds them, one JSON object per row, in
+    training order; return how many.
+
+    Each row: `input_ids`, `labels` (as the loss sees them: -100 where untrained and on each
+    sample's first token) and `pieces`, one per sample or part of one: `task`, `sample` (its index
+    in the task), `source` (file:line), `start` and `end` (its tokens within the sample) and
+    `offset` (where it starts in the row).
+    """
+    count = 0
+    with Path(path).open("w", encoding="utf-8") as f:
+        for row in data.epoch_rows(epoch):
+            batch = collate_rows([data.row_samples(row)], pad_id, isolated=data.isolated)
+            pieces, offset = [], 0
+            for task_id, index, start, end in row:
+                task = data.tasks[task_id]
+                pieces.append(
+                    {
+                        "task": task.name,
+                        "sample": index,
+                        "source": task.tokenized.source(index),
+                        "start": start,
+                        "end": end,
+                        "offset": offset,
+                    }
+                )
+                offset += end - start
+            record = {
+                "input_ids": batch["input_ids"][0].tolist(),
+                "labels": batch["labels"][0].tolist(),
+                "pieces": pieces,
+            }
+            f.write(json.dumps(record) + "\n")
+            count += 1
     return count

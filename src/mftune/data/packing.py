@@ -3,13 +3,16 @@
 - `pack_isolated` bin-packs whole samples; attention is later kept inside each sample
   (position ids restart, varlen attention or a block-diagonal mask), so a packed row
   trains exactly like the same samples unpacked, minus the padding.
-- `pack_contiguous` is MFTCoder's `pack` for continued pre-training: samples are
-  concatenated and cut at every `max_len` tokens, and they attend to each other.
+- `pack_sequential` is MFTCoder's `pack`: whole samples in the order given, a new row
+  whenever the next sample would not fit; samples in a row attend to each other.
+- `pack_contiguous` is MFTCoder's `concat`, for continued pre-training: samples are
+  concatenated and the stream is cut into windows of `max_len` tokens that overlap by one,
+  so that every token but the first is a prediction target exactly once; samples attend to
+  each other.
 """
 
 from __future__ import annotations
 
-import itertools
 from bisect import bisect_left, insort
 from collections import deque
 
@@ -89,36 +92,77 @@ def pack_isolated(lengths: np.ndarray, max_len: int, window: int) -> list[np.nda
     return [np.asarray(row, dtype=np.int64) for row in rows]
 
 
-def pack_contiguous(lengths: np.ndarray, max_len: int) -> list[list[tuple[int, int, int]]]:
-    """Concatenate samples in order and cut the stream into rows of `max_len` tokens.
+def pack_sequential(lengths: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """Whole samples in order; a row is closed when the next sample would not fit in it.
 
-    This is continued pre-training packing: a sample may be split across two or more rows,
-    and samples in one row attend to each other (no isolation). Every row holds exactly
-    `max_len` tokens except possibly the last.
+    Args:
+        lengths: Token count of every sample, shape `(n,)`, integers in `[1, max_len]`.
+        max_len: Maximum tokens per row.
+
+    Returns:
+        One int64 array of consecutive sample indices per row; every row starts at a sample start.
+
+    Raises:
+        ValueError: If a sample is longer than `max_len` or has no tokens.
+    """
+    lengths = _check_lengths(lengths, max_len)
+    if len(lengths) and lengths.max() > max_len:
+        index = int(lengths.argmax())
+        raise ValueError(f"sample {index} has {int(lengths[index])} tokens, more than max_len={max_len}")
+    rows, start, used = [], 0, 0
+    for index, length in enumerate(lengths.tolist()):
+        if used + length > max_len:
+            rows.append(np.arange(start, index, dtype=np.int64))
+            start, used = index, 0
+        used += length
+    if start < len(lengths):
+        rows.append(np.arange(start, len(lengths), dtype=np.int64))
+    return rows
+
+
+def pack_contiguous(lengths: np.ndarray, max_len: int) -> list[list[tuple[int, int, int]]]:
+    """Concatenate samples in order and cut the stream into windows of `max_len` tokens, each starting on
+    the last token of the one before.
+
+    This is continued pre-training packing, as MFTCoder's `concat` (windows of `seq_length + 1`
+    tokens, `seq_length` apart): a sample may be split across rows, and samples in one row attend
+    to each other. The first token of a window is no target in it, but was one, as the last
+    token, of the window before, so no token goes unpredicted. Every row holds `max_len` tokens
+    except possibly the last, which MFTCoder drops and mftune keeps.
 
     Args:
         lengths: Token count of every sample, shape `(n,)`, integers >= 1.
-        max_len: Tokens per row.
+        max_len: Tokens per row, >= 2.
 
     Returns:
         Per row, its pieces in order as `(sample_index, start, end)`: tokens
         `[start, end)` of sample `sample_index`.
     """
     lengths = _check_lengths(lengths, max_len)
+    if max_len < 2:
+        raise ValueError(f"contiguous windows need max_len >= 2, got {max_len}")
     if len(lengths) == 0:
         return []
     ends = np.cumsum(lengths)
     starts = ends - lengths
     total = int(ends[-1])
-    # A piece starts wherever a sample or a row starts, and runs to the next such point.
-    cuts = np.union1d(starts, np.arange(0, total, max_len))
-    piece_end = np.append(cuts[1:], total)
-    sample = np.searchsorted(ends, cuts, side="right")
-    local_start = cuts - starts[sample]
-    local_end = piece_end - starts[sample]
-    pieces = list(zip(sample.tolist(), local_start.tolist(), local_end.tolist(), strict=True))
-    row_starts = [*np.searchsorted(cuts, np.arange(0, total, max_len)).tolist(), len(cuts)]
-    return [pieces[a:b] for a, b in itertools.pairwise(row_starts)]
+    rows = []
+    # A window is worth a row while it holds a target: a token after its first.
+    for window_start in range(0, max(total - 1, 1), max_len - 1):
+        window_end = min(window_start + max_len, total)
+        first = int(np.searchsorted(ends, window_start, side="right"))
+        last = int(np.searchsorted(starts, window_end, side="left"))  # samples [first, last) overlap
+        rows.append(
+            [
+                (
+                    k,
+                    max(window_start, int(starts[k])) - int(starts[k]),
+                    min(window_end, int(ends[k])) - int(starts[k]),
+                )
+                for k in range(first, last)
+            ]
+        )
+    return rows
 
 
 def fill_ratio(row_lengths: np.ndarray | list[int], max_len: int) -> float:

@@ -16,7 +16,7 @@ from mftune.data.mixture import (
     split_train_valid,
     stable_seed,
 )
-from mftune.data.packing import pack_contiguous, pack_isolated
+from mftune.data.packing import pack_contiguous, pack_isolated, pack_sequential
 from mftune.data.reader import DataError
 from mftune.data.templates import Template, build_template
 
@@ -78,6 +78,11 @@ class MultiTaskData:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    @property
+    def isolated(self) -> bool:
+        """Whether samples never attend to each other (one per row, or isolated packing)."""
+        return self.packing in ("none", "isolated")
+
     def errors(self) -> list[DataError]:
         """Every bad record of every task (training and valid files)."""
         out: list[DataError] = []
@@ -117,6 +122,11 @@ class MultiTaskData:
             return [
                 [(pieces[k][0], pieces[k][1], s, e) for k, s, e in row]
                 for row in pack_contiguous(lengths, self.max_len)
+            ]
+        if self.packing == "sequential":  # in the epoch's (already shuffled) order, as MFTCoder's pack
+            return [
+                [(pieces[k][0], pieces[k][1], 0, int(lengths[k])) for k in row]
+                for row in pack_sequential(lengths, self.max_len)
             ]
         rows = [
             [(pieces[k][0], pieces[k][1], 0, int(lengths[k])) for k in row]
@@ -169,7 +179,9 @@ def prepare_data(cfg, tokenizer, *, rank: int = 0, raise_on_errors: bool = True)
     """
     d = cfg.data
     template, stop_token = build_template(d.template, tokenizer)
-    settings = TokenizeSettings(tokenizer, template, stop_token, d.max_seq_len, d.overlong, d.template.kind)
+    settings = TokenizeSettings(
+        tokenizer, template, stop_token, d.max_seq_len, d.overlong, d.template.kind, d.train_on
+    )
     tasks = []
     for task_id, (name, task_cfg) in enumerate(d.tasks.items()):
         tokenized, hit = load_or_build(

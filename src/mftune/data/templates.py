@@ -7,6 +7,7 @@ trained model so `apply_chat_template` reproduces the training text exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import warnings
@@ -23,10 +24,22 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 @dataclass(frozen=True)
 class Rendered:
-    """Rendered text and its trained character spans `[start, end)`, sorted and disjoint."""
+    """Rendered text, its trained character spans `[start, end)` (sorted, disjoint), and where the text is
+    cut before tokenizing.
+
+    The text is tokenized piece by piece, cut at every span boundary and at every position in `cuts`, so
+    that no token straddles a prompt and its answer (DESIGN.md §2).
+    """
 
     text: str
     spans: tuple[Span, ...]
+    cuts: tuple[int, ...] = ()
+
+    def pieces(self) -> list[Span]:
+        """The `[start, end)` character ranges tokenized one by one, in order, covering the text."""
+        bounds = {0, len(self.text), *self.cuts, *(edge for span in self.spans for edge in span)}
+        ordered = sorted(b for b in bounds if 0 <= b <= len(self.text))
+        return [(a, b) for a, b in itertools.pairwise(ordered) if b > a]
 
 
 class Template(Protocol):
@@ -46,11 +59,20 @@ class Template(Protocol):
 
 
 class RoleMarkersTemplate:
-    """MFTCoder's format: `<marker>content\\n` per turn, assistant turns trained with their stop token.
+    """MFTCoder's format, as its encoder builds it (`UniformEncoder` in
+    `mftcoder_accelerate/src/data/preprocess_data.py`), so that MFTCoder and mftune train the same ids:
 
     ```
-    <s>system\\n{system}\\n<s>human\\n{user}\\n<s>bot\\n{assistant}</s>\\n
+    <s>system\n{system}\n<s>human\n{user}\n<s>bot\n{assistant}\n</s>\n<s>human\n...
     ```
+
+    - every content is followed by `\n`; U+00A0 and U+202F (no-break spaces) in it become spaces;
+    - trained: each assistant content, its `\n` and the stop token; not trained: the `\n` after the stop
+      token, and everything else;
+    - tokenized piece by piece as the encoder does: the system turn; each user turn with the assistant
+      marker that follows it; each assistant content with its `\n`; the stop token; the `\n` after it;
+    - a single prompt/answer record (alpaca and the other pairs) is rendered as the encoder renders those:
+      system and user in one piece, and nothing after the stop token.
     """
 
     def __init__(self, system: str, user: str, assistant: str, stop_token: str):
@@ -58,31 +80,29 @@ class RoleMarkersTemplate:
         self.stop_token = stop_token
 
     def render(self, conversation: Conversation) -> Rendered:
-        parts: list[str] = []
-        spans: list[Span] = []
-        pos = 0
+        text, spans, cuts = "", [], []
+        pair = conversation.is_single_pair
         for turn in conversation.turns:
-            head = self.markers[turn.role]
-            if turn.role == "assistant":
-                start = pos + len(head)
-                body = turn.content + self.stop_token
-                spans.append((start, start + len(body)))
-            else:
-                body = turn.content
-            piece = f"{head}{body}\n"
-            parts.append(piece)
-            pos += len(piece)
-        return Rendered("".join(parts), tuple(spans))
+            content = _mftcoder_content(turn.content)
+            if turn.role == "assistant":  # its marker closes the user turn before it
+                answer_start = len(text)
+                text += content
+                cuts.append(len(text))  # the stop token is an id of its own in MFTCoder's encoder
+                text += self.stop_token
+                spans.append((answer_start, len(text)))
+                text += "" if pair else "\n"
+                continue
+            if not pair:  # a pair's system and user turns are one piece
+                cuts.append(len(text))
+            text += self.markers[turn.role] + content
+            if turn.role == "user":
+                text += self.markers["assistant"]  # MFTCoder encodes it with the user turn
+        return Rendered(text, tuple(spans), tuple(cuts))
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
-        body = "".join(
-            self.markers[m["role"]]
-            + m["content"]
-            + (self.stop_token if m["role"] == "assistant" else "")
-            + "\n"
-            for m in messages
-        )
-        return body + self.markers["assistant"]
+        turns = tuple(Turn(m["role"], m["content"]) for m in messages)  # type: ignore[arg-type]
+        text = self.render(Conversation(turns)).text  # a user turn already ends with the assistant marker
+        return text if turns and turns[-1].role == "user" else text + self.markers["assistant"]
 
     def chat_template(self) -> str:
         # json.dumps gives a valid Jinja string literal for any marker (quotes, newlines, unicode).
@@ -90,15 +110,21 @@ class RoleMarkersTemplate:
             json.dumps(self.markers[r], ensure_ascii=False) for r in ("system", "user", "assistant")
         )
         stop = json.dumps(self.stop_token, ensure_ascii=False)
+        content = "(message['content'] | replace('\\u00a0', ' ') | replace('\\u202f', ' ')) + '\\n'"
         return (
             "{%- for message in messages -%}"
-            f"{{%- if message['role'] == 'system' -%}}{{{{ {sys_m} }}}}{{{{ message['content'] }}}}{{{{ '\\n' }}}}"
-            f"{{%- elif message['role'] == 'user' -%}}{{{{ {user_m} }}}}{{{{ message['content'] }}}}{{{{ '\\n' }}}}"
-            f"{{%- else -%}}{{{{ {bot_m} }}}}{{% generation %}}{{{{ message['content'] }}}}{{{{ {stop} }}}}"
+            f"{{%- if message['role'] == 'system' -%}}{{{{ {sys_m} + {content} }}}}"
+            f"{{%- elif message['role'] == 'user' -%}}{{{{ {user_m} + {content} }}}}"
+            f"{{%- else -%}}{{{{ {bot_m} }}}}{{% generation %}}{{{{ {content} + {stop} }}}}"
             "{% endgeneration %}{{ '\\n' }}"
             "{%- endif -%}{%- endfor -%}"
             f"{{%- if add_generation_prompt -%}}{{{{ {bot_m} }}}}{{%- endif -%}}"
         )
+
+
+def _mftcoder_content(content: str) -> str:
+    """A turn's content as MFTCoder's encoder writes it: no-break spaces as spaces, then a newline."""
+    return content.replace("\u202f", " ").replace("\xa0", " ") + "\n"
 
 
 class JinjaTemplate:
@@ -165,16 +191,29 @@ class JinjaTemplate:
 
 
 def render_text_record(conversation: Conversation, stop_token: str) -> Rendered:
-    """Raw text (format `text`): the text and a stop token, every token trained."""
-    text = "".join(t.content for t in conversation.turns) + stop_token
-    return Rendered(text, ((0, len(text)),))
+    """Raw text (format `text`): its text and a stop token, all trained; the stop token is tokenized on
+    its own."""
+    text = "".join(t.content for t in conversation.turns)
+    return Rendered(text + stop_token, ((0, len(text) + len(stop_token)),), (len(text),))
 
 
-def render(template: Template, conversation: Conversation, stop_token: str) -> Rendered:
-    """Render any conversation: raw-text records bypass the template."""
+def render(
+    template: Template, conversation: Conversation, stop_token: str, train_on: str = "assistant"
+) -> Rendered:
+    """Render any conversation; `train_on="all"` trains every token, not only the assistant turns.
+
+    Raw-text records bypass the template: under role markers they end with `\\n` and the stop token, as
+    MFTCoder's encoder writes them (no-break spaces as spaces), elsewhere with the stop token alone.
+    """
     if conversation.turns and conversation.turns[0].role == "text":
+        if isinstance(template, RoleMarkersTemplate):
+            text = Conversation(tuple(Turn("text", _mftcoder_content(t.content)) for t in conversation.turns))
+            return render_text_record(text, stop_token)
         return render_text_record(conversation, stop_token)
-    return template.render(conversation)
+    rendered = template.render(conversation)
+    if train_on == "all":
+        return Rendered(rendered.text, ((0, len(rendered.text)),), rendered.cuts)
+    return rendered
 
 
 def build_template(template_cfg, tokenizer) -> tuple[Template, str]:

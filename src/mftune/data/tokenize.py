@@ -1,7 +1,8 @@
 """Rendered text -> token ids and a trained-token mask, from the tokenizer's character offsets.
 
-The whole rendered text is tokenized in one call, so the ids a model trains on are exactly the ids it sees
-at inference for the same prompt; labels follow from which tokens overlap a trained character span.
+The text is tokenized piece by piece (`Rendered.pieces`: cut at every prompt/answer boundary and wherever
+the template cuts), so a token never straddles a prompt and its answer; within a piece, labels follow from
+which tokens overlap a trained character span.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ def trained_mask(offsets: np.ndarray, spans: tuple[tuple[int, int], ...]) -> np.
     return mask
 
 
+def encode_pieces(tokenizer, text: str, pieces: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids, int32 (n,), and character offsets into `text`, int64 (n, 2), of each piece tokenized alone."""
+    if not pieces:
+        return np.zeros(0, dtype=np.int32), np.zeros((0, 2), dtype=np.int64)
+    batch = tokenizer([text[a:b] for a, b in pieces], add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray([i for row in batch["input_ids"] for i in row], dtype=np.int32)
+    offsets = [
+        np.asarray(row, dtype=np.int64).reshape(-1, 2) + start
+        for row, (start, _) in zip(batch["offset_mapping"], pieces, strict=True)
+    ]
+    return ids, np.concatenate(offsets)
+
+
 def tokenize_rendered(tokenizer, rendered: Rendered, max_len: int, overlong: str) -> Tokenized:
     """Tokenize a rendered sample and apply the length policy.
 
@@ -65,9 +79,7 @@ def tokenize_rendered(tokenizer, rendered: Rendered, max_len: int, overlong: str
         SampleDropped: too long under `drop` (reason `overlong`), or no trained target left
             (reason `no_trained_tokens`).
     """
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(encoding["input_ids"], dtype=np.int32)
-    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    ids, offsets = encode_pieces(tokenizer, rendered.text, rendered.pieces())
     trained = trained_mask(offsets, rendered.spans)
     truncated = False
     if len(ids) > max_len:

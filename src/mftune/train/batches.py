@@ -105,7 +105,7 @@ def collate(data: MultiTaskData, rows: list[Row], pad_id: int, *, valid: bool = 
     if not rows:
         return filler_batch(data, pad_id)
     batch = collate_rows(
-        [data.row_samples(row, valid=valid) for row in rows], pad_id, isolated=data.packing != "contiguous"
+        [data.row_samples(row, valid=valid) for row in rows], pad_id, isolated=data.isolated
     )
     batch["packed"] = data.packing != "none"
     return batch
@@ -131,7 +131,7 @@ def filler_batch(data: MultiTaskData, pad_id: int) -> dict:
     """
     token = np.array([pad_id], dtype=np.int32)
     sample = Sample(input_ids=token, trained=np.zeros(1, dtype=bool), task_id=0, sample_id=-1)
-    batch = collate_rows([[sample]], pad_id, isolated=data.packing != "contiguous")
+    batch = collate_rows([[sample]], pad_id, isolated=data.isolated)
     batch["packed"] = data.packing != "none"
     batch["filler"] = True
     return batch
