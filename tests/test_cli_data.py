@@ -304,7 +304,10 @@ def test_dump_of_one_task(capsys, tmp_path, examples_config):
     assert tasks == ["write_test"] * count_records(EXAMPLES / "write_test" / "train.jsonl")
 
 
-def test_the_mftcoder_config_validates(capsys, tmp_path, tokenizer_dir):
+def test_the_mftcoder_config_validates(capsys, tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.chdir(
+        tmp_path
+    )  # an MFTCoder config's relative paths, the cache's too, are the working folder's
     raw = json.loads(MFTCODER_CONFIG.read_text(encoding="utf-8"))
     paths = ",".join(str(EXAMPLES / name) for name in TASKS)
     raw.update(

@@ -1,4 +1,4 @@
-"""The typed config: strict validation with useful messages, overrides, paths, MFTCoder configs, docs."""
+"""The typed config: strict validation with useful messages, overrides, paths, dumping, docs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from mftune.config import (
     dump_config,
     load_config,
 )
-from mftune.config.mftcoder import from_mftcoder, mftcoder_reference_markdown
+from mftune.config.mftcoder import mftcoder_reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,137 +243,13 @@ def test_unreadable_files(tmp_path: Path) -> None:
     assert "mapping" in _error(_write(tmp_path, "- a\n- b\n"))
 
 
-# --- MFTCoder configs --------------------------------------------------------------------------
-
-
-def _mftcoder(**extra: Any) -> dict[str, Any]:
-    return {
-        "data_paths": "[data/code_completion, 'data/code_exercise']",
-        "pretrained_model_path": "org/base",
-        "output_dir": "out",
-        "tb_dir": "tb",
-        "model_type": "llama",
-        "weighted_loss_mode": "case3",
-        **extra,
-    }
-
-
-def test_mftcoder_bracketed_string_and_list_agree() -> None:
-    from_string, _ = from_mftcoder(_mftcoder())
-    from_list, _ = from_mftcoder(_mftcoder(data_paths=["data/code_completion", "data/code_exercise"]))
-    assert from_string == from_list
-    assert from_list["data"]["tasks"] == [{"path": "data/code_completion"}, {"path": "data/code_exercise"}]
-
-
-@pytest.mark.parametrize(
-    "data_paths", ["data/a,data/b", "[data/a,data/b", "data/a]", "[data/a,,data/b]", "[]"]
-)
-def test_mftcoder_malformed_data_paths_is_an_error(data_paths: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        from_mftcoder(_mftcoder(data_paths=data_paths))
-    assert "data_paths" in str(info.value)
-    assert repr(data_paths) in str(info.value)
-
-
-def test_mftcoder_missing_brackets_error_shows_expected_form(tmp_path: Path) -> None:
-    error = _error(_write(tmp_path, _mftcoder(data_paths="data/a,data/b"), name="train.json"))
-    assert 'bracketed string like "[' in error
-    assert "train.json" in error
-
-
-def test_mftcoder_mapping(tmp_path: Path) -> None:
-    raw = _mftcoder(
-        data_weights="[1., 3]",
-        task_weights=[2, 1],
-        data_split="98,2,0",
-        padding_mode="pack",
-        peft_type="qlora",
-        quantization="4bit",
-        lora_rank=8,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        num_warmup_steps=0.1,
-        early_stopping=True,
-        early_stopping_stall_num=3,
-        seq_length=1024,
-        coba_tau=3,
-        role_markers={"system": "S:", "user": "U:", "assistant": "A:"},
-    )
-    cfg = load_config(_write(tmp_path, raw, name="train.json"))
-    tasks = cfg.data.tasks
-    assert list(tasks) == ["code_completion", "code_exercise"]
-    assert [t.sampling_weight for t in tasks.values()] == [1.0, 3.0]
-    assert [t.loss_weight for t in tasks.values()] == [2.0, 1.0]
-    assert tasks["code_exercise"].path == str(tmp_path / "data" / "code_exercise")
-    assert cfg.data.valid_ratio == pytest.approx(0.02)
-    assert cfg.data.packing == "contiguous"
-    assert cfg.data.max_seq_len == 1024
-    assert cfg.data.template.role_markers.user == "U:"
-    assert (cfg.finetune.method, cfg.finetune.qlora.bits, cfg.finetune.lora.r) == ("qlora", 4, 8)
-    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (2, 8)
-    assert cfg.train.warmup_ratio == pytest.approx(0.1)
-    assert cfg.train.early_stopping.patience == 3
-    assert cfg.train.loss == "task"
-    assert cfg.train.output_dir == str(tmp_path / "out")
-    assert cfg.coba.tau == 3.0
-    assert cfg.model.name_or_path == "org/base"
-
-
-def test_mftcoder_notes_list_ignored_keys_and_assumptions() -> None:
-    raw, notes = from_mftcoder(_mftcoder(data_split="90,5,5", per_device_train_batch_size=4, world_size=8))
-    text = "\n".join(notes)
-    for key in ("tb_dir", "model_type", "world_size"):
-        assert any(note.startswith(f"{key}: ignored (") for note in notes), key
-    assert "test share" in text
-    assert raw["data"]["valid_ratio"] == pytest.approx(0.05)  # of the whole, test share included
-    assert "one process" in text
-    assert raw["finetune"]["method"] == "full"  # no peft_type: full fine-tuning
-
-
-def test_mftcoder_load_logs_the_mapping(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    load_config(_write(tmp_path, _mftcoder(), name="train.json"))
-    assert "MFTCoder config" in caplog.text
-    assert "tb_dir: ignored" in caplog.text
-    assert "data_paths → data.tasks" in caplog.text
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ({"data_weights": "[1,2,3]"}, "data_weights: 3 entries for 2 data_paths"),
-        ({"padding_mode": "concat"}, "padding_mode: 'concat' is not one of 'padding', 'pack'"),
-        ({"weighted_loss_mode_": "case1"}, "did you mean 'weighted_loss_mode'?"),
-        ({"data_split": "98;2"}, "data_split"),
-        ({"peft_type": "prefix"}, "peft_type"),
-    ],
-)
-def test_mftcoder_errors(extra: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        from_mftcoder(_mftcoder(**extra))
-    assert message in str(info.value)
-
-
-def test_mftcoder_mftune_sections_may_be_mixed_in() -> None:
-    raw, _ = from_mftcoder(_mftcoder(seq_length=512, data={"max_seq_len": 256, "packing": "none"}))
-    assert raw["data"]["max_seq_len"] == 256
-    assert raw["data"]["packing"] == "none"
-    assert len(raw["data"]["tasks"]) == 2
-
-
-def test_shipped_mftcoder_example_loads() -> None:
-    cfg = load_config(REPO / "configs" / "mftcoder_compat.json")
-    assert list(cfg.data.tasks) == ["arithmetic", "list_ops", "write_function", "write_test"]
-    for task in cfg.data.tasks.values():
-        assert Path(task.path).parent == REPO / "examples" / "data"
-    assert cfg.model.name_or_path == str(REPO / "runs" / "tiny-llama")
-
-
 # --- dumping -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "train.json"])
 def test_dump_then_load_is_identity(tmp_path: Path, name: str) -> None:
-    raw = _mftcoder(data_weights="[1,2]") if name.endswith(".json") else _minimal()
+    mftcoder = {"data_paths": "[data/a,data/b]", "pretrained_model_path": "org/base", "output_dir": "out"}
+    raw = mftcoder if name.endswith(".json") else _minimal()
     cfg = load_config(_write(tmp_path / "src", raw, name=name), ["train.loss=coba", "coba.floor=0.01"])
     dumped = tmp_path / "run" / "resolved_config.yaml"
     dump_config(cfg, dumped)

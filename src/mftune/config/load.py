@@ -26,8 +26,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override and validate a config file.
 
     An MFTCoder train config (JSON with MFTCoder's keys) is translated first, with a warning listing
-    what was mapped and what was ignored. Relative paths in the file (and relative defaults) are
-    resolved against the file's folder; relative paths given in overrides, against the working folder.
+    what was mapped, what has no effect and where mftune differs. Relative paths in the file (and
+    relative defaults) are resolved against the file's folder (an MFTCoder config's: against the
+    working folder, as MFTCoder reads them); relative paths given in overrides, against the working
+    folder.
 
     Args:
         path: a `.yaml`, `.yml` or `.json` file.
@@ -43,6 +45,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     base = path.parent.absolute()
     raw = _read(path)
     if looks_like_mftcoder(raw):
+        base = Path.cwd()  # MFTCoder reads its paths from the working folder
         try:
             raw, notes = from_mftcoder(raw)
         except ConfigError as err:

@@ -66,7 +66,11 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
-        description="Module names to adapt, or all-linear: every linear layer except the output head.",
+        description="Module names to adapt (a list, or one comma-separated string), or all-linear: every linear layer except the output head.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none",
+        description="Biases trained with the adapters: none, all, or lora_only (those of adapted layers; MFTCoder's choice).",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -81,7 +85,9 @@ class LoraConfig(_Section):
     @classmethod
     def _check_targets(cls, value: Any) -> Any:
         if isinstance(value, str) and value != "all-linear":
-            raise ValueError("must be 'all-linear' or a list of module names")
+            value = [name.strip() for name in value.split(",")]
+            if not all(value):
+                raise ValueError("must be 'all-linear', a list of module names or 'name1,name2'")
         if isinstance(value, list) and not value:
             raise ValueError("must not be an empty list (use 'all-linear' for every linear layer)")
         return value
@@ -186,6 +192,12 @@ class DataConfig(_Section):
     valid_ratio: float = Field(
         0.05, ge=0, lt=1, description="Default fraction of each task held out for validation."
     )
+    test_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of each task held out as a test split: never trained on nor validated (MFTCoder's data_split test share).",
+    )
     max_valid_samples: int | None = Field(
         500, ge=1, description="Cap on validation samples per task; null: no cap."
     )
@@ -250,7 +262,15 @@ class TrainConfig(_Section):
         description="How a step's loss weighs tokens: token (each token equally), sample (each sample), task (each task present, by loss_weight), task_sample, or coba (task weights from convergence balancing). MFTCoder's case1-case4 are aliases of the first four.",
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(0.0, ge=0, description="Learning rate the schedule decays to.")
+    min_lr: float = Field(
+        0.0,
+        ge=0,
+        description="Learning rate the schedule decays to (min_lr_mode decay) or the floor under it (floor).",
+    )
+    min_lr_mode: Literal["decay", "floor"] = Field(
+        "decay",
+        description="decay: the schedule decays from learning_rate to min_lr; floor: it decays to 0 with transformers' warm-up (step / warmup) and is clamped from below at min_lr, warm-up included (MFTCoder's schedule).",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup as a fraction of all steps.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -268,7 +288,7 @@ class TrainConfig(_Section):
     save_every: int = Field(
         500, ge=1, description="Checkpoint every this many optimizer steps (and at the end)."
     )
-    keep_last: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    keep_last: int | None = Field(2, ge=1, description="Newest checkpoints kept; null: every checkpoint.")
     keep_best: int = Field(
         1, ge=0, description="Best checkpoints (by early_stopping.metric) kept besides those."
     )

@@ -43,11 +43,26 @@ def stable_seed(*parts: str | int) -> int:
 def split_train_valid(
     num_samples: int, valid_ratio: float, seed: int, task: str, max_valid: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministically split one task's samples into train and valid indices.
+    """`split_samples` without a test split: `(train, valid)`."""
+    train, valid, _ = split_samples(num_samples, valid_ratio, seed, task, max_valid)
+    return train, valid
+
+
+def split_samples(
+    num_samples: int,
+    valid_ratio: float,
+    seed: int,
+    task: str,
+    max_valid: int | None = None,
+    test_ratio: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministically split one task's samples into train, valid and test indices.
 
     The number of valid samples is `round(num_samples * valid_ratio)`, at least 1 when
     `valid_ratio > 0` and there are two or more samples, at most `num_samples - 1` (training
-    never ends up empty), and at most `max_valid`.
+    never ends up empty), and at most `max_valid`. The test split (`round(num_samples *
+    test_ratio)`, also leaving a training sample) is drawn from the same permutation after it,
+    so adding one leaves the valid split as it was.
 
     Args:
         num_samples: Number of samples of the task.
@@ -55,18 +70,20 @@ def split_train_valid(
         seed: The run's data seed.
         task: The task name; the permutation is seeded by `stable_seed(seed, task, "split")`.
         max_valid: Optional cap on the number of valid samples.
+        test_ratio: Fraction held out for testing (never trained nor validated), in `[0, 1)`.
 
     Returns:
-        `(train, valid)`: sorted int64 index arrays of shapes `(n_train,)` and `(n_valid,)`,
-        disjoint and together covering `range(num_samples)`.
+        `(train, valid, test)`: sorted, disjoint int64 index arrays that together cover
+        `range(num_samples)`.
 
     Raises:
         ValueError: On a negative size, a ratio outside `[0, 1)` or a negative `max_valid`.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    if not 0.0 <= valid_ratio < 1.0:
-        raise ValueError(f"valid_ratio must be in [0, 1), got {valid_ratio}")
+    for name, ratio in (("valid_ratio", valid_ratio), ("test_ratio", test_ratio)):
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {ratio}")
     if max_valid is not None and max_valid < 0:
         raise ValueError(f"max_valid must be >= 0, got {max_valid}")
     num_valid = math.floor(num_samples * valid_ratio + 0.5)  # round half up, not to even
@@ -75,10 +92,12 @@ def split_train_valid(
     num_valid = min(num_valid, max(num_samples - 1, 0))
     if max_valid is not None:
         num_valid = min(num_valid, max_valid)
+    num_test = min(math.floor(num_samples * test_ratio + 0.5), max(num_samples - 1 - num_valid, 0))
     perm = np.random.default_rng(stable_seed(seed, task, "split")).permutation(num_samples)
     valid = np.sort(perm[:num_valid]).astype(np.int64)
-    train = np.sort(perm[num_valid:]).astype(np.int64)
-    return train, valid
+    test = np.sort(perm[num_valid : num_valid + num_test]).astype(np.int64)
+    train = np.sort(perm[num_valid + num_test :]).astype(np.int64)
+    return train, valid, test
 
 
 def sampling_probabilities(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from mftune.data.mixture import (
     epoch_order,
     samples_per_epoch,
     sampling_probabilities,
-    split_train_valid,
+    split_samples,
     stable_seed,
 )
 from mftune.data.packing import pack_contiguous, pack_isolated, pack_sequential
@@ -41,8 +41,8 @@ class DataValidationError(ValueError):
 class TaskData:
     """One task's tokenized samples and its split.
 
-    `train` indexes `tokenized`; `valid` indexes `valid_tokenized` (the same object unless the task has
-    a `valid_path`).
+    `train` and `test` index `tokenized`; `valid` indexes `valid_tokenized` (the same object unless the
+    task has a `valid_path`). `test` (data.test_ratio) is never trained on nor validated.
     """
 
     name: str
@@ -54,6 +54,7 @@ class TaskData:
     loss_weight: float
     sampling_weight: float | None
     from_cache: bool
+    test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 # A row of a packed batch: (task_id, sample_index, token_start, token_end) per piece.
@@ -197,11 +198,14 @@ def prepare_data(cfg, tokenizer, *, rank: int = 0, raise_on_errors: bool = True)
                 d.num_proc,
                 rank=rank,
             )
-            train, valid = np.arange(len(tokenized)), np.arange(len(valid_tok))
+            train, _, test = split_samples(len(tokenized), 0.0, d.seed, name, test_ratio=d.test_ratio)
+            valid = np.arange(len(valid_tok))
         else:
             valid_tok = tokenized
             ratio = d.valid_ratio if task_cfg.valid_ratio is None else task_cfg.valid_ratio
-            train, valid = split_train_valid(len(tokenized), ratio, d.seed, name, d.max_valid_samples)
+            train, valid, test = split_samples(
+                len(tokenized), ratio, d.seed, name, d.max_valid_samples, d.test_ratio
+            )
         tasks.append(
             TaskData(
                 name=name,
@@ -213,6 +217,7 @@ def prepare_data(cfg, tokenizer, *, rank: int = 0, raise_on_errors: bool = True)
                 loss_weight=task_cfg.loss_weight,
                 sampling_weight=task_cfg.sampling_weight,
                 from_cache=hit,
+                test=test,
             )
         )
     data = MultiTaskData(

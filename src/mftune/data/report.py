@@ -16,6 +16,7 @@ COLUMNS = (
     "truncated",
     "train",
     "valid",
+    "test",
     "per_epoch",
     "tokens",
     "trained",
@@ -45,6 +46,7 @@ def task_rows(data: MultiTaskData) -> list[dict[str, object]]:
             truncated=tok.counts["truncated"],
             train=len(task.train),
             valid=len(task.valid),
+            test=len(task.test),
             per_epoch=per_epoch[task.name],
             tokens=int(lengths.sum()),
             trained=int(np.asarray(tok.trained).sum()),
@@ -53,7 +55,7 @@ def task_rows(data: MultiTaskData) -> list[dict[str, object]]:
         )
         rows.append(row)
     total: dict[str, object] = {"task": "all"}
-    for key in COLUMNS[1:11]:
+    for key in COLUMNS[1 : COLUMNS.index("trained") + 1]:
         total[key] = sum(int(r[key]) for r in rows)  # type: ignore[call-overload]
     all_lengths = np.concatenate([t.tokenized.lengths for t in data.tasks])
     total.update(_percentiles(all_lengths))

@@ -100,7 +100,7 @@ class CobaBalancer:
         self._window_losses: deque[list[float | None]] = deque(maxlen=self.history)  # r_k, None = absent
         self._slope_history: deque[list[float | None]] = deque(maxlen=self.history)
         self._max_slopes: list[float] = []  # α_max since warm-up, for DF
-        self._weights = torch.full((self.num_tasks,), 1 / self.num_tasks, dtype=torch.float32)
+        self._weights = torch.full((self.num_tasks,), 1 / self.num_tasks, dtype=_F64)
         self._last_step: int | None = None
         self._diagnostics: dict[str, list[float | None]] = {}
 
@@ -134,14 +134,14 @@ class CobaBalancer:
         if step >= self.warmup:
             self._slope_history.append(slopes)
             weights = self._balance(slopes)
-        self._weights = weights.float()
+        self._weights = weights
         self._last_step = step
         return self.weights
 
     @property
     def weights(self) -> torch.Tensor:
-        """The current weights, float32, shape (K,), summing to 1."""
-        return self._weights.clone()
+        """The current weights, float32, shape (K,), summing to 1 (kept in float64 inside)."""
+        return self._weights.float()
 
     def diagnostics(self) -> dict[str, list[float]]:
         """Values of the last probe for logging, NaN for tasks without a slope.
@@ -181,7 +181,7 @@ class CobaBalancer:
         self._window_losses.extend(list(row) for row in state["window_losses"])
         self._slope_history.extend(list(row) for row in state["slope_history"])
         self._max_slopes = list(state["max_slope_history"])
-        self._weights = torch.tensor(state["weights"], dtype=torch.float32)
+        self._weights = torch.tensor(state["weights"], dtype=_F64)
         self._last_step = state["last_step"]
         self._diagnostics = {key: list(values) for key, values in state["diagnostics"].items()}
 
@@ -290,7 +290,7 @@ def _apply_floor(weights: torch.Tensor, floor: float) -> torch.Tensor:
     # Raising a weight to the floor lowers c, which may push others below it: repeat until none
     # does. The floored set only grows, so this ends within K rounds.
     while not floored.all():
-        scale = (1 - floor * floored.sum()) / weights[~floored].sum()
+        scale = (1 - floor * int(floored.sum())) / weights[~floored].sum()  # in the weights' float64
         newly = ~floored & (weights * scale < floor)
         if not newly.any():
             return torch.where(floored, torch.full_like(weights, floor), weights * scale)

@@ -85,6 +85,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, *, use_dora: bool) -> Pef
         lora_dropout=lora_cfg.dropout,
         target_modules=resolve_target_modules(model, lora_cfg.target_modules),
         modules_to_save=list(lora_cfg.modules_to_save) or None,
+        bias=lora_cfg.bias,
         use_dora=use_dora,
         task_type="CAUSAL_LM",
     )

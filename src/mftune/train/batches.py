@@ -104,9 +104,7 @@ def collate(data: MultiTaskData, rows: list[Row], pad_id: int, *, valid: bool = 
     """
     if not rows:
         return filler_batch(data, pad_id)
-    batch = collate_rows(
-        [data.row_samples(row, valid=valid) for row in rows], pad_id, isolated=data.isolated
-    )
+    batch = collate_rows([data.row_samples(row, valid=valid) for row in rows], pad_id, isolated=data.isolated)
     batch["packed"] = data.packing != "none"
     return batch
 

@@ -148,6 +148,59 @@ def _read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
 
 
+def is_adapter_folder(path: str | Path) -> bool:
+    """Whether `path` holds a PEFT adapter (as `save_pretrained` writes one) rather than an mftune checkpoint."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / STATE_FILE).is_file()
+
+
+def warm_start_adapter(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a PEFT adapter's weights (safetensors only) into `model`'s adapters, which must match them.
+
+    Raises:
+        ConfigError: the folder has no safetensors weights, the model has no adapters, or the names or
+            shapes do not match.
+    """
+    from peft import set_peft_model_state_dict
+
+    from mftune.config import ConfigError
+
+    path = Path(path)
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        found = (
+            "adapter_model.bin (a pickle, which mftune does not load)"
+            if (path / "adapter_model.bin").is_file()
+            else "no adapter weights"
+        )
+        raise ConfigError(f"train.resume: {path} holds {found}; save the adapter as safetensors")
+    if not hasattr(model, "peft_config"):
+        raise ConfigError(f"train.resume: {path} is an adapter, but finetune.method trains no adapter")
+    result = set_peft_model_state_dict(model, load_file(weights_file))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"train.resume: the adapter in {path} does not match finetune.lora "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+def check_resumable(path: str | Path) -> None:
+    """Raise a one-line `ConfigError` unless `path` is a complete mftune checkpoint."""
+    from mftune.config import ConfigError
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume: {path} does not exist")
+    if not (path / STATE_FILE).is_file():
+        hint = (
+            "a model folder: to start from its weights set model.name_or_path to it"
+            if (path / "config.json").is_file()
+            else f"no {STATE_FILE}"
+        )
+        raise ConfigError(f"train.resume: {path} is not an mftune checkpoint ({hint})")
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether `path` was written by `save_sharded_checkpoint`."""
     return (Path(path) / SHARDED_STATE).is_dir()
@@ -167,14 +220,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(output_dir: str | Path, keep_last: int, keep_best: int, mode: str) -> list[Path]:
-    """Delete all but the newest `keep_last` and the best `keep_best` checkpoints (and stale temporaries).
+def prune_checkpoints(output_dir: str | Path, keep_last: int | None, keep_best: int, mode: str) -> list[Path]:
+    """Delete all but the newest `keep_last` (None: all) and the best `keep_best` checkpoints, and stale
+    temporaries.
 
     Returns:
         The deleted paths.
     """
     found = complete_checkpoints(output_dir)
-    keep = set(found[-keep_last:]) if keep_last else set()
+    keep = set(found if keep_last is None else found[-keep_last:])
     scored = [(p, _metric(p)) for p in found]
     scored = [(p, m) for p, m in scored if m is not None]
     scored.sort(key=lambda pm: pm[1], reverse=mode == "max")

@@ -142,6 +142,12 @@ def _resume(cfg: Config, accelerator, model, optimizer, scheduler) -> ckpt.Train
     path = ckpt.latest_checkpoint(cfg.train.output_dir) if resume == "auto" else Path(resume)
     if path is None:
         return ckpt.TrainerState()
+    if resume != "auto" and ckpt.is_adapter_folder(path):  # a PEFT adapter, such as MFTCoder's step_N
+        ckpt.warm_start_adapter(accelerator.unwrap_model(model), path)
+        if accelerator.is_main_process:
+            print(f"warm start from the adapter in {path}: optimizer, schedule and data order start fresh")
+        return ckpt.TrainerState()
+    ckpt.check_resumable(path)
     sharded = shards_state(accelerator)
     if ckpt.is_sharded_checkpoint(path) != sharded:
         written, now = ("with", "without") if not sharded else ("without", "with")

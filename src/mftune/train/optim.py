@@ -31,12 +31,18 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
 
 
-def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
+def lr_factor(
+    step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float, mode: str = "decay"
+) -> float:
     """The learning rate at `step` (0-based, before that step's update) as a fraction of the peak.
 
-    Linear warmup over `warmup` steps, then `cosine` or `linear` decay to `min_ratio` at `total_steps`,
-    or `constant`.
+    `decay`: linear warmup over `warmup` steps ((step + 1) / warmup), then `cosine` or `linear` decay to
+    `min_ratio` at `total_steps`, or `constant`. `floor`: the schedule transformers' `get_scheduler`
+    builds (warmup step / warmup, then a decay to 0), clamped from below at `min_ratio` (what MFTCoder
+    trains with: it resets the rate to `min_lr` after every scheduler step that goes below it).
     """
+    if mode == "floor":
+        return max(_transformers_factor(step, total_steps, warmup, schedule), min_ratio)
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -46,6 +52,18 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str, min_ratio
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def _transformers_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    # transformers' linear, cosine (one half cycle) and constant-with-warmup lambdas.
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -53,5 +71,6 @@ def build_scheduler(
     warmup = warmup_steps(cfg, total_steps)
     min_ratio = cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.lr_schedule, min_ratio)
+        optimizer,
+        lambda step: lr_factor(step, total_steps, warmup, cfg.lr_schedule, min_ratio, cfg.min_lr_mode),
     )
