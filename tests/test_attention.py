@@ -3,6 +3,7 @@ segments from the collator, the arguments each kernel gets, and when `auto` pick
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 import warnings
@@ -14,6 +15,7 @@ import torch
 import yaml
 from torch import nn
 
+from mftune.config.errors import MissingPackageError
 from mftune.config.schema import FinetuneConfig, LoraConfig, ModelConfig
 from mftune.data.collate import Sample, collate_rows
 from mftune.model import attention, hidden_states, load_model, resolve_attention
@@ -333,8 +335,11 @@ def test_resolve_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not attention.cuda_varlen_kernel_available(CPU)
     for packing in ("isolated", "none", "contiguous"):
         assert resolve_attention("auto", CPU, packing=packing, dtype=torch.float32) == "sdpa"
-    for name in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+    for name in ("sdpa", "eager", "flex_attention"):
         assert resolve_attention(name, CPU, packing="isolated") == name
+    if importlib.util.find_spec("flash_attn") is None:  # named, it needs the package
+        with pytest.raises(MissingPackageError, match="needs flash_attn"):
+            resolve_attention("flash_attention_2", CPU, packing="isolated")
     with pytest.warns(UserWarning, match="reference kernel"):
         assert resolve_attention("varlen", CPU, packing="isolated") == VARLEN_ATTENTION
     assert register_varlen_attention() == VARLEN_ATTENTION  # again: the same entries

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
     merge.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     merge.add_argument("--base", help="base model to merge into (default: the adapter's own)")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that is not empty (never the adapter's own)",
+    )
 
     generate = commands.add_parser("generate", help="answer every record of a jsonl file")
     generate.add_argument("model", help="model, adapter or run folder")
@@ -104,10 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("generate", None): _generate,
         ("chat", None): _chat,
     }
+    from mftune.config.errors import MissingPackageError
+
     key = (args.command, getattr(args, "data_command", None))
     try:
         return handlers[key](args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, MissingPackageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -223,8 +230,8 @@ def _merge(args) -> int:
     from mftune.export.merge import merge_adapter
 
     try:
-        out = merge_adapter(args.model, args.out, base=args.base, dtype=args.dtype)
-    except ValueError as e:  # an adapter that names no base
+        out = merge_adapter(args.model, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    except ValueError as e:  # an adapter that names no base, an output folder that is not free
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"merged model written to {out}")

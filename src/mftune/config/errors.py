@@ -13,7 +13,33 @@ _FIELD_ERROR = "config_field"
 
 
 class ConfigError(Exception):
-    """A config that cannot be read or does not validate; the message says where and why."""
+    """A config that cannot be read, does not validate, or names something that is not there; the message
+    is one line that says where and why (and, where it can, what to do)."""
+
+
+class MissingPackageError(ImportError):
+    """A setting that needs an optional package which is not installed; the message names the package."""
+
+
+def unloadable(key: str, name: str, err: Exception) -> ConfigError:
+    """The one-line error for a model or tokenizer named by `key` that cannot be loaded.
+
+    Args:
+        key: the config key, e.g. `model.name_or_path`.
+        name: its value, a local folder or a hub name (`org/model`).
+        err: what transformers raised.
+    """
+    import os
+    from pathlib import Path
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists():
+        where = f"{name} is not a model folder" if Path(name).exists() else f"{name} does not exist"
+        return ConfigError(f"{key}: {where} (build or download it first, or give a Hugging Face Hub name)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    reason = (
+        "the Hugging Face Hub is offline (HF_HUB_OFFLINE)" if offline else str(err).strip().splitlines()[0]
+    )
+    return ConfigError(f"{key}: cannot load '{name}': it is not a local folder, and {reason}")
 
 
 def field_error(field: str, message: str) -> PydanticCustomError:

@@ -160,10 +160,18 @@ class MultiTaskData:
 
 def load_tokenizer(model_cfg):
     """The tokenizer a config names (`model.tokenizer`, else the model's), loaded offline-safe by path or name."""
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoTokenizer
 
+    from mftune.config.errors import unloadable
+
     name = model_cfg.tokenizer or model_cfg.name_or_path
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, HFValidationError) as err:
+        raise unloadable(
+            "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path", name, err
+        ) from err
 
 
 def prepare_data(cfg, tokenizer, *, rank: int = 0, raise_on_errors: bool = True) -> MultiTaskData:

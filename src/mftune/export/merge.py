@@ -25,6 +25,7 @@ def merge_adapter(
     dtype: str = "auto",
     max_shard_size: str | int = "2GB",
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Merge an adapter into its base and write sharded safetensors, tokenizer and generation config.
 
@@ -42,14 +43,16 @@ def merge_adapter(
         dtype: `auto` (the base checkpoint's own dtype), `float32`, `bfloat16` or `float16`.
         max_shard_size: Largest weight file, e.g. `"2GB"`.
         trust_remote_code: Run code shipped with the base checkpoint.
+        overwrite: Write into an `out_dir` that is not empty (never into the adapter's own folder).
 
     Returns:
         `out_dir` as a `Path`.
 
     Raises:
         FileNotFoundError: The folder holds no adapter (a full model needs no merge).
-        ValueError: Unknown dtype, the adapter names no base and none is given, or the base is a
-            quantised checkpoint.
+        ValueError: Unknown dtype, the adapter names no base and none is given, the base is a
+            quantised checkpoint, `out_dir` is the adapter's folder or inside it, or `out_dir` is not
+            empty and `overwrite` is not set.
     """
     from transformers import AutoConfig
 
@@ -60,6 +63,7 @@ def merge_adapter(
         raise FileNotFoundError(
             f"{source} has no {ADAPTER_CONFIG}: it is not an adapter folder (a full model needs no merge)"
         )
+    _check_output(Path(source), Path(out_dir), overwrite)
     base = base or adapter_base(source)
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
@@ -85,3 +89,12 @@ def _checkpoint_dtype(config) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _check_output(source: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into the adapter's own folder (or below it), or into a folder with files in it."""
+    source, target = source.resolve(), out_dir.resolve()
+    if target == source or source in target.parents:
+        raise ValueError(f"--out {out_dir} is the adapter's own folder {source}: choose another one")
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not overwrite):
+        raise ValueError(f"--out {out_dir} is not empty: choose an empty or new folder, or pass --overwrite")

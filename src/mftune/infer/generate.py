@@ -112,18 +112,23 @@ def read_requests(path: str | Path) -> list[tuple[dict, Messages]]:
     one user turn); other keys are kept.
 
     Raises:
-        ValueError: A line is not a JSON object with `messages` or `prompt`, naming the file and line.
+        ValueError: Lines that are not JSON objects with `messages` or `prompt`: every one of them, one
+            per line of the message, each naming the file and line.
     """
-    requests = []
+    requests, errors = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
+                requests.append((record, _messages_of(record, f"{path}:{number}")))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-            requests.append((record, _messages_of(record, f"{path}:{number}")))
+                errors.append(f"{path}:{number}: not JSON ({e})")
+            except ValueError as e:
+                errors.append(str(e))
+    if errors:
+        raise ValueError(f"{len(errors)} bad line(s) in {path}:\n  " + "\n  ".join(errors))
     return requests
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mftune.config.errors import MissingPackageError, unloadable
 from mftune.model.adapters import apply_lora
 from mftune.model.attention import cuda_varlen_kernel_available, register_varlen_attention
 
@@ -87,6 +88,12 @@ def resolve_attention(
         if packing == "isolated" and half and cuda_varlen_kernel_available(device):
             return register_varlen_attention()
         return "sdpa"
+    package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise MissingPackageError(
+            f"model.attention {name} needs {package}, which is not installed: install it, or set "
+            "model.attention: auto (varlen flash kernels on GPUs that have them, sdpa elsewhere)"
+        )
     return name
 
 
@@ -113,6 +120,7 @@ def load_model(
         ImportError: `qlora` without bitsandbytes, or on a device the installed bitsandbytes does not
             run on (see `_quantized_loading`).
     """
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoModelForCausalLM
 
     method = finetune_cfg.method
@@ -124,7 +132,10 @@ def load_model(
     }
     if method == "qlora":
         kwargs.update(_quantized_loading(finetune_cfg.qlora, device, dtype))
-    model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    except (OSError, HFValidationError) as err:
+        raise unloadable("model.name_or_path", model_cfg.name_or_path, err) from err
     if method != "qlora":  # a quantised model is placed by its device_map
         model.to(device)
     model.config.use_cache = False  # the cache only serves generation and conflicts with checkpointing
@@ -177,7 +188,7 @@ def _quantized_loading(qlora_cfg: QloraConfig, device: torch.device, dtype: torc
         ImportError: bitsandbytes is missing, or the installed version does not run on `device`.
     """
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("finetune.method qlora needs bitsandbytes: pip install 'mftune[gpu]'")
+        raise MissingPackageError("finetune.method qlora needs bitsandbytes: pip install 'mftune[gpu]'")
     _check_bitsandbytes_runs_on(device)
     from transformers import BitsAndBytesConfig
 
@@ -212,7 +223,7 @@ def _check_bitsandbytes_runs_on(device: torch.device) -> None:
         return
     if device.type == "cuda" and "cuda" in backends:
         return
-    raise ImportError(
+    raise MissingPackageError(
         f"finetune.method qlora runs on CUDA, or on the CPU with bitsandbytes >= {_CPU_BITSANDBYTES}: "
         f"not on {device} with bitsandbytes {version}"
     )

@@ -2,6 +2,8 @@
 
 A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so a
 process killed at any moment leaves either a complete checkpoint or none: resume never sees half of one.
+Its last file is `manifest.json`, the size and SHA-256 of every other file: a checkpoint damaged later (a
+partial copy, a full disk, a flipped byte) is found at resume, which then falls back to an older one.
 Weights are safetensors; optimizer, scheduler and RNG states are tensors and plain data loaded with
 `weights_only=True`.
 
@@ -12,11 +14,13 @@ same scheduler and trainer state files, and the main process renames the folder 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 SHARDED_STATE = "accelerate_state"
 
 
@@ -137,11 +142,70 @@ def load_sharded_checkpoint(accelerator, path: str | Path, scheduler: Any) -> Tr
 
 
 def _publish(tmp: Path, final: Path, state: TrainerState) -> None:
-    """Write the trainer state last, then rename the finished temporary folder into place."""
+    """Write the trainer state and the manifest last, then rename the finished temporary folder into place."""
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if final.exists():  # a rerun of the same step replaces the old copy
         shutil.rmtree(final)
     os.rename(tmp, final)
+
+
+def damage(path: str | Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest (a file missing, of another size or with
+    another SHA-256), or None if it is intact. A checkpoint without a manifest is read as intact: older
+    mftune versions wrote none."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None if (path / STATE_FILE).is_file() else f"{path / STATE_FILE} is missing"
+    except (OSError, ValueError):
+        return f"{path / MANIFEST} cannot be read"
+    for name, entry in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{file} has {file.stat().st_size} bytes, {entry['size']} were written"
+        if _sha256(file) != entry["sha256"]:
+            return f"{file} differs from what was written (SHA-256)"
+    return None
+
+
+def latest_intact_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that `damage` finds nothing wrong with, warning about each newer damaged one.
+
+    Raises:
+        ConfigError: there are checkpoints, but every one is damaged (starting over would silently
+            throw the run away).
+    """
+    from mftune.config import ConfigError
+
+    found = complete_checkpoints(output_dir)
+    problems = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            if problems:
+                warnings.warn(f"resuming from {path.name}: {'; '.join(problems)}", stacklevel=2)
+            return path
+        problems.append(f"{path.name} is damaged ({problem})")
+    if problems:
+        raise ConfigError(
+            f"every checkpoint in {checkpoint_dir(output_dir)} is damaged ({problems[0]}, ...): delete them "
+            "to start over, or set train.resume to one of them"
+        )
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_state(path: Path) -> TrainerState:
@@ -186,12 +250,14 @@ def warm_start_adapter(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def check_resumable(path: str | Path) -> None:
-    """Raise a one-line `ConfigError` unless `path` is a complete mftune checkpoint."""
+    """Raise a one-line `ConfigError` unless `path` is a complete, intact mftune checkpoint."""
     from mftune.config import ConfigError
 
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"train.resume: {path} does not exist")
+    if (path / STATE_FILE).is_file() and (problem := damage(path)):
+        raise ConfigError(f"train.resume: checkpoint {path} is damaged: {problem}")
     if not (path / STATE_FILE).is_file():
         hint = (
             "a model folder: to start from its weights set model.name_or_path to it"

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mftune.config import Config, dump_config
+from mftune.config import Config, config_to_dict, dump_config
 from mftune.data.pipeline import MultiTaskData, load_tokenizer, prepare_data
 from mftune.train import checkpoint as ckpt
+from mftune.train import run_folder
 from mftune.train.batches import BatchPlan, DataPosition, collate_micro_batches, iterate_steps, steps_in_epoch
 from mftune.train.distributed import configure_deepspeed, quiet_other_ranks, shards_state
 from mftune.train.evaluate import evaluate
@@ -37,14 +38,28 @@ from mftune.train.tracking import (
 
 
 def train(cfg: Config) -> Path:
-    """Train a model as `cfg` says and return the folder of the final model or adapter."""
+    """Train a model as `cfg` says and return the folder of the final model or adapter.
+
+    Raises:
+        ConfigError: before anything is written, when the run cannot start: its output folder is held
+            by a live run, holds another config's run, or cannot be written.
+    """
     from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    quiet_other_ranks(accelerator)
+    if not accelerator.is_main_process:  # the main process holds the run folder for every rank
+        return _train(cfg, accelerator)
+    with run_folder.hold(cfg.train.output_dir):
+        run_folder.check_same_run(cfg.train.output_dir, config_to_dict(cfg))
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: Config, accelerator) -> Path:
     from accelerate.utils import set_seed
 
     from mftune.model.load import load_model
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    quiet_other_ranks(accelerator)
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model)
@@ -139,7 +154,7 @@ def _resume(cfg: Config, accelerator, model, optimizer, scheduler) -> ckpt.Train
     resume = cfg.train.resume
     if resume == "never":
         return ckpt.TrainerState()
-    path = ckpt.latest_checkpoint(cfg.train.output_dir) if resume == "auto" else Path(resume)
+    path = ckpt.latest_intact_checkpoint(cfg.train.output_dir) if resume == "auto" else Path(resume)
     if path is None:
         return ckpt.TrainerState()
     if resume != "auto" and ckpt.is_adapter_folder(path):  # a PEFT adapter, such as MFTCoder's step_N
