@@ -177,9 +177,9 @@ class DataConfig(_Section):
     overlong: Literal["drop", "truncate"] = Field(
         "drop", description="What happens to samples longer than max_seq_len (counted per task)."
     )
-    train_on: Literal["assistant", "all"] = Field(
+    train_on: Literal["assistant", "last_turn", "all"] = Field(
         "assistant",
-        description="Tokens trained: every assistant turn with its stop token, or all (the whole rendered text, as MFTCoder's tokenize_mode pretrain).",
+        description="Tokens trained: every assistant turn with its stop token; last_turn: only the last one (for templates that rewrite earlier turns, such as Qwen3's); all: the whole rendered text (MFTCoder's tokenize_mode pretrain).",
     )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="Bad records: fail lists them all before training; skip drops and counts them."

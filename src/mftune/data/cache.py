@@ -33,7 +33,7 @@ from mftune.data.reader import (
 from mftune.data.templates import Template, render
 from mftune.data.tokenize import SampleDropped, tokenize_rendered
 
-CACHE_VERSION = "2"  # 2: piecewise tokenization, MFTCoder's role-marker rendering
+CACHE_VERSION = "3"  # 3: the special tokens and the template's date in the key
 _CHUNK = 1000
 _ARRAYS = ("input_ids", "trained", "offsets", "sources")
 
@@ -102,6 +102,13 @@ class TokenizeSettings:
         for part in (
             CACHE_VERSION,
             backend.to_str(),
+            # What tokenizer_config.json adds to the backend: the special tokens' strings (a BOS the template
+            # writes as text), and every added token.
+            json.dumps(self.tokenizer.special_tokens_map, sort_keys=True, default=str),
+            json.dumps(
+                {str(k): str(v) for k, v in self.tokenizer.added_tokens_decoder.items()}, sort_keys=True
+            ),
+            _template_date(self.template.chat_template()),
             self.template_kind,
             self.template.chat_template(),
             self.stop_token,
@@ -112,6 +119,14 @@ class TokenizeSettings:
             h.update(part.encode("utf-8"))
             h.update(b"\0")
         return h.hexdigest()
+
+
+def _template_date(source: str) -> str:
+    """Today, for a template that writes the date into what it renders (Llama-3.2 stamps the system turn
+    with `strftime_now`): its render, and so the tokens, change with the day."""
+    import datetime
+
+    return datetime.date.today().isoformat() if "strftime_now" in source else ""
 
 
 def task_fingerprint(files: list[Path], declared_format: str, settings: TokenizeSettings) -> str:

@@ -187,7 +187,7 @@ def prepare_data(cfg, tokenizer, *, rank: int = 0, raise_on_errors: bool = True)
         DataValidationError: bad records under `data.on_error: fail`, listing all of them.
     """
     d = cfg.data
-    template, stop_token = build_template(d.template, tokenizer)
+    template, stop_token = build_template(d.template, tokenizer, d.train_on)
     settings = TokenizeSettings(
         tokenizer, template, stop_token, d.max_seq_len, d.overlong, d.template.kind, d.train_on
     )

@@ -7,39 +7,14 @@ trained model so `apply_chat_template` reproduces the training text exactly.
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from mftune.data.conversation import Conversation, Turn
-
-Span = tuple[int, int]
-
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """Rendered text, its trained character spans `[start, end)` (sorted, disjoint), and where the text is
-    cut before tokenizing.
-
-    The text is tokenized piece by piece, cut at every span boundary and at every position in `cuts`, so
-    that no token straddles a prompt and its answer (DESIGN.md §2).
-    """
-
-    text: str
-    spans: tuple[Span, ...]
-    cuts: tuple[int, ...] = ()
-
-    def pieces(self) -> list[Span]:
-        """The `[start, end)` character ranges tokenized one by one, in order, covering the text."""
-        bounds = {0, len(self.text), *self.cuts, *(edge for span in self.spans for edge in span)}
-        ordered = sorted(b for b in bounds if 0 <= b <= len(self.text))
-        return [(a, b) for a, b in itertools.pairwise(ordered) if b > a]
+from mftune.data.jinja import GENERATION_TAG, HISTORY_REWRITE, JinjaTemplate
+from mftune.data.rendered import Rendered
 
 
 class Template(Protocol):
@@ -127,69 +102,6 @@ def _mftcoder_content(content: str) -> str:
     return content.replace("\u202f", " ").replace("\xa0", " ") + "\n"
 
 
-class JinjaTemplate:
-    """A Jinja chat template (a user's file or the tokenizer's own).
-
-    Trained spans come from `{% generation %}` blocks, rendered by transformers' own machinery. A template
-    without them is handled by rendering growing prefixes of the conversation: what an assistant turn adds
-    after the generation prompt is its trained span. That works for any template whose renders of a
-    conversation's prefixes are prefixes of the whole render (true of every common chat template), and
-    is checked per record. `train_all=True` trains every token instead (the behaviour of plain Jinja
-    fine-tuning scripts), for templates written for raw records rather than conversations.
-    """
-
-    def __init__(self, source: str, special_tokens: dict[str, str], *, train_all: bool = False):
-        self.source = source
-        self.special_tokens = special_tokens
-        self.has_generation = bool(_GENERATION_TAG.search(source))
-        self.train_all = train_all and not self.has_generation
-
-    def _render(self, messages: list[dict], record: dict, *, add_generation_prompt: bool, track: bool):
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        rendered, indices = render_jinja_template(
-            [messages],
-            chat_template=self.source,
-            return_assistant_tokens_mask=track,
-            add_generation_prompt=add_generation_prompt,
-            record=record,
-            **self.special_tokens,
-        )
-        return rendered[0], (indices[0] if track else [])
-
-    def render(self, conversation: Conversation) -> Rendered:
-        messages = conversation.as_messages()
-        record = conversation.record
-        if self.has_generation:
-            text, indices = self._render(messages, record, add_generation_prompt=False, track=True)
-            return Rendered(text, tuple((s, e) for s, e in indices if e > s))
-        text, _ = self._render(messages, record, add_generation_prompt=False, track=False)
-        if self.train_all:
-            return Rendered(text, ((0, len(text)),))
-        return Rendered(text, tuple(self._prefix_spans(messages, record, text)))
-
-    def _prefix_spans(self, messages: list[dict], record: dict, text: str) -> list[Span]:
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before, _ = self._render(messages[:i], record, add_generation_prompt=True, track=False)
-            after, _ = self._render(messages[: i + 1], record, add_generation_prompt=False, track=False)
-            if not (text.startswith(after) and after.startswith(before)):
-                raise ValueError(
-                    "the chat template does not render a conversation's prefixes as prefixes of the whole; "
-                    "mark assistant turns with {% generation %}...{% endgeneration %}"
-                )
-            spans.append((len(before), len(after)))
-        return spans
-
-    def render_prompt(self, messages: list[dict[str, str]]) -> str:
-        return self._render(messages, {}, add_generation_prompt=True, track=False)[0]
-
-    def chat_template(self) -> str:
-        return self.source
-
-
 def render_text_record(conversation: Conversation, stop_token: str) -> Rendered:
     """Raw text (format `text`): its text and a stop token, all trained; the stop token is tokenized on
     its own."""
@@ -200,7 +112,7 @@ def render_text_record(conversation: Conversation, stop_token: str) -> Rendered:
 def render(
     template: Template, conversation: Conversation, stop_token: str, train_on: str = "assistant"
 ) -> Rendered:
-    """Render any conversation; `train_on="all"` trains every token, not only the assistant turns.
+    """Render any conversation; `train_on` `all` trains every token, `last_turn` the last assistant turn only.
 
     Raw-text records bypass the template: under role markers they end with `\\n` and the stop token, as
     MFTCoder's encoder writes them (no-break spaces as spaces), elsewhere with the stop token alone.
@@ -213,18 +125,27 @@ def render(
     rendered = template.render(conversation)
     if train_on == "all":
         return Rendered(rendered.text, ((0, len(rendered.text)),), rendered.cuts)
+    if train_on == "last_turn":
+        return Rendered(rendered.text, rendered.spans[-1:], rendered.cuts)
     return rendered
 
 
-def build_template(template_cfg, tokenizer) -> tuple[Template, str]:
+def build_template(template_cfg, tokenizer, train_on: str = "assistant") -> tuple[Template, str]:
     """The template a config asks for, and the stop token that closes each assistant turn.
+
+    The template is judged on what it does to the records themselves: a record it cannot render, or
+    whose trained span would not end with the stop token, is a per-record error (data.on_error). Here it
+    is only tried on a few probe conversations, skipping those it refuses (Gemma-2 refuses system turns),
+    to find its stop token and refuse it outright when it trains no token or never the stop token.
 
     Args:
         template_cfg: `data.template` of the config (paths already resolved).
         tokenizer: a Hugging Face tokenizer (for EOS, BOS and its own chat template).
+        train_on: `data.train_on`.
 
     Raises:
-        ValueError: the template cannot produce trained spans that end with the stop token.
+        ValueError: no stop token can be found, or the template trains no token or leaves the stop token
+            out on a probe it renders.
     """
     specials = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
     if template_cfg.kind == "role_markers":
@@ -232,73 +153,123 @@ def build_template(template_cfg, tokenizer) -> tuple[Template, str]:
         stop = template_cfg.stop_token or tokenizer.eos_token
         if not stop:
             raise ValueError("the tokenizer has no EOS token; set data.template.stop_token")
-        template: Template = RoleMarkersTemplate(m.system, m.user, m.assistant, stop)
-    elif template_cfg.kind == "jinja":
+        return RoleMarkersTemplate(m.system, m.user, m.assistant, stop), stop
+    last_turn = train_on == "last_turn"
+    if template_cfg.kind == "jinja":
         source = Path(template_cfg.jinja_file).read_text(encoding="utf-8")
-        template = JinjaTemplate(source, specials, train_all=not _GENERATION_TAG.search(source))
+        template = JinjaTemplate(
+            source, specials, train_all=not GENERATION_TAG.search(source), last_turn_only=last_turn
+        )
         if template.train_all:
             warnings.warn(
                 f"{template_cfg.jinja_file} has no {{% generation %}} blocks: every token is trained",
                 stacklevel=2,
             )
+            template.stop_token = template_cfg.stop_token or tokenizer.eos_token or ""
+            return template, template.stop_token
     else:
         source = getattr(tokenizer, "chat_template", None)
         if not source:
             raise ValueError("data.template.kind is 'tokenizer' but the tokenizer has no chat_template")
-        template = JinjaTemplate(source, specials)
-    stop_token = template_cfg.stop_token or _stop_token_of(template, tokenizer)
-    check_stop_token_trained(template, stop_token)
-    return template, stop_token
+        template = JinjaTemplate(source, specials, last_turn_only=last_turn)
+    template.special_strings = tuple(
+        sorted(
+            set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len
+        )
+    )
+    probe = _probe_that_renders(template)
+    template.stop_token = template_cfg.stop_token or _stop_token_of(template, tokenizer, probe)
+    template.extend_to_stop = (
+        template_cfg.stop_token is not None
+    )  # a stop token asked for is trained where it is
+    if probe is not None:
+        _check_probe(template, probe)
+    return template, template.stop_token
 
 
-def _stop_token_of(template: Template, tokenizer) -> str:
+def _probe_that_renders(template: JinjaTemplate) -> Conversation | None:
+    """The first probe the template renders; None if it refuses them all, which is left to the records,
+    unless it refuses them all for rewriting history (then no record can render either).
+
+    Raises:
+        ValueError: every probe failed because the template rewrites earlier turns.
+    """
+    failures = []
+    for probe in PROBES:
+        try:
+            template.render(probe)
+        except ValueError as err:
+            failures.append(str(err))
+            continue
+        return probe
+    if failures and all(f == HISTORY_REWRITE for f in failures):
+        raise ValueError(HISTORY_REWRITE)
+    return None
+
+
+def _stop_token_of(template: JinjaTemplate, tokenizer, probe: Conversation | None) -> str:
     """The special token that closes an assistant turn in this template, else the tokenizer's EOS.
 
-    Chat templates close turns with their own token (`<|im_end|>`, `<|eot_id|>`), not always EOS.
+    Chat templates close turns with their own token (`<|im_end|>`, `<|eot_id|>`, `<|end|>`), not always EOS.
     """
-    if isinstance(template, JinjaTemplate):
-        rendered = template.render(PROBE)
-        if rendered.spans:
-            start, end = rendered.spans[0]
-            tail = rendered.text[start:end].rstrip()
-            specials = sorted(
-                set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    rendered = template.render(probe) if probe is not None else None
+    if rendered is not None and rendered.spans:
+        start, end = rendered.spans[0]
+        tail = rendered.text[start:end].rstrip()
+        specials = sorted(
+            set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+        )
+        closing = [t for t in specials if t and tail.endswith(t)]
+        if closing:
+            return max(closing, key=len)
+        # No closing token of its own, and the next turn's opening token (seen before, opening a turn) ends
+        # it: GLM-4's <|user|>.
+        opening = [
+            t for t in specials if t and rendered.text.startswith(t, end) and t in rendered.text[:start]
+        ]
+        if opening:
+            raise ValueError(
+                f"the chat template closes no assistant turn with a token of its own: set "
+                f"data.template.stop_token: {max(opening, key=len)!r} (the next turn's opening token)"
             )
-            closing = [t for t in specials if t and tail.endswith(t)]
-            if closing:
-                return max(closing, key=len)
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no EOS token; set data.template.stop_token")
     return tokenizer.eos_token
 
 
-PROBE = Conversation(
-    turns=(
-        Turn("system", "You are helpful."),
-        Turn("user", "Say one."),
-        Turn("assistant", "one"),
-        Turn("user", "Say two."),
-        Turn("assistant", "two"),
+PROBES = (
+    Conversation(
+        turns=(
+            Turn("system", "You are helpful."),
+            Turn("user", "Say one."),
+            Turn("assistant", "one"),
+            Turn("user", "Say two."),
+            Turn("assistant", "two"),
+        ),
+        record={"instruction": "Say one.", "input": "", "output": "one", "system": "You are helpful."},
     ),
-    record={"instruction": "Say one.", "input": "", "output": "one", "system": "You are helpful."},
+    Conversation(
+        turns=(
+            Turn("user", "Say one."),
+            Turn("assistant", "one"),
+            Turn("user", "Say two."),
+            Turn("assistant", "two"),
+        ),
+        record={"instruction": "Say one.", "input": "", "output": "one"},
+    ),
 )
 
 
-def check_stop_token_trained(template: Template, stop_token: str) -> None:
-    """Refuse a template that leaves the stop token untrained (a model that never stops) or trains nothing.
+def _check_probe(template: JinjaTemplate, probe: Conversation) -> None:
+    """Refuse a template that trains nothing or never the stop token on a probe it renders; warn where its
+    generation blocks and its generation prompt disagree.
 
     Raises:
-        ValueError: with what the probe conversation rendered to.
+        ValueError: with what the probe rendered to.
     """
-    rendered = template.render(PROBE)
+    rendered = template.render(probe)  # raises where the stop token is left out
     if not rendered.spans:
         raise ValueError(
-            f"the template trains no token; it renders the probe conversation as {rendered.text!r}"
+            f"the template trains no token; it renders a probe conversation as {rendered.text!r}"
         )
-    for start, end in rendered.spans:
-        if not rendered.text[start:end].rstrip().endswith(stop_token):
-            raise ValueError(
-                f"the template leaves the stop token {stop_token!r} outside the trained span "
-                f"{rendered.text[start:end]!r}; a model trained on it would never stop "
-                "(put the stop token inside {% generation %}, or set data.template.stop_token)"
-            )
+    template.check_generation_blocks(probe)

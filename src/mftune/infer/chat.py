@@ -8,7 +8,7 @@ from threading import Thread
 
 import torch
 
-from mftune.infer.generate import Messages, generation_kwargs, render_prompts
+from mftune.infer.generate import Messages, generation_kwargs, prompt_ids
 from mftune.infer.load import load_for_inference
 
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -88,8 +88,8 @@ def _stream_reply(model, tokenizer, history, max_new_tokens, temperature, print_
     """Generate the next reply on a thread, printing tokens as they arrive."""
     from transformers import TextIteratorStreamer
 
-    [prompt] = render_prompts(tokenizer, [history])
-    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
+    ids = torch.tensor([prompt_ids(tokenizer, history)], device=model.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature)
     errors: list[BaseException] = []

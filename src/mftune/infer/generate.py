@@ -23,6 +23,33 @@ def render_prompts(tokenizer, conversations: list[Messages]) -> list[str]:
     ]
 
 
+def prompt_ids(tokenizer, messages: Messages) -> list[int]:
+    """The token ids of a prompt as training tokenized it: the rendered prompt cut at every boundary of
+    an earlier answer, each piece tokenized on its own (DESIGN.md §2).
+
+    A template whose render of the history is not the start of its prompt (one that rewrites earlier
+    turns) is tokenized whole, as `apply_chat_template` would.
+    """
+    from mftune.data.conversation import Conversation, Turn
+    from mftune.data.jinja import JinjaTemplate
+    from mftune.data.rendered import Rendered
+    from mftune.data.tokenize import encode_pieces
+
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    spans: tuple = ()
+    if any(m["role"] == "assistant" for m in messages):
+        specials = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+        template = JinjaTemplate(tokenizer.chat_template, specials)
+        try:
+            history = template.render(Conversation(tuple(Turn(m["role"], m["content"]) for m in messages)))
+        except ValueError:
+            history = None
+        if history is not None and text.startswith(history.text):
+            spans = history.spans
+    ids, _ = encode_pieces(tokenizer, text, Rendered(text, spans).pieces())
+    return ids.tolist()
+
+
 def generation_kwargs(
     model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
 ) -> dict:
@@ -68,8 +95,8 @@ def generate_batch(
 ) -> list[str]:
     """Generate the assistant's reply to each conversation.
 
-    Prompts are rendered with the tokenizer's chat template and tokenized without adding special
-    tokens again (the template writes them). Batches are formed from prompts of similar length to
+    Prompts are rendered with the tokenizer's chat template and tokenized as training tokenized them
+    (`prompt_ids`: without adding special tokens again, cut at earlier answers' boundaries). Batches are formed from prompts of similar length to
     waste little padding; results come back in input order.
 
     Args:
@@ -84,7 +111,7 @@ def generate_batch(
     Returns:
         One reply per conversation, special tokens removed, stripped.
     """
-    prompts = render_prompts(tokenizer, conversations)
+    prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
     kwargs = generation_kwargs(
         model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
     )
@@ -93,8 +120,8 @@ def generate_batch(
     with _left_padded(tokenizer):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            inputs = tokenizer(
-                [prompts[i] for i in chunk], add_special_tokens=False, padding=True, return_tensors="pt"
+            inputs = tokenizer.pad(
+                {"input_ids": [prompts[i] for i in chunk]}, padding=True, return_tensors="pt"
             ).to(model.device)
             output = model.generate(**inputs, **kwargs)
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
