@@ -111,6 +111,8 @@ class JinjaTemplate:
             # turn, what follows is one more user turn (so what every render ends with is not trained).
             following = text if i != len(messages) - 1 else self._with_next_turn(messages, record, text)
             end = len(after) if following.startswith(after) else self._turn_end(after, following, len(before))
+            if end <= len(before) and following is not text:
+                end = len(after)  # one more turn rewrites this one (Qwen3, Mistral): the render's own end
             if end <= len(before):  # the turn renders otherwise once it is history
                 raise ValueError(HISTORY_REWRITE)
             spans.append((len(before), end))
@@ -183,8 +185,8 @@ class JinjaTemplate:
             return
         messages = conversation.as_messages()
         rendered = self.render(conversation)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        for i, (start, _) in zip(turns, rendered.spans, strict=False):
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"][-len(rendered.spans) :]
+        for i, (start, _) in zip(turns, rendered.spans, strict=True):
             prompt = self.render_prompt(messages[:i])
             if not rendered.text.startswith(prompt):
                 continue  # history rewritten: nothing to compare with
