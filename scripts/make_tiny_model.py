@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mftune.tiny import TINY_ARCHITECTURES, build_tiny_model
+from mftune.tiny import TINY_FAMILIES, build_tiny_model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write the model into")
-    parser.add_argument("--arch", choices=TINY_ARCHITECTURES, default="llama")
+    parser.add_argument("--arch", choices=TINY_FAMILIES, default="llama")
     parser.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer folder (default: the shipped one)"
     )

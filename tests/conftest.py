@@ -12,6 +12,11 @@ for _name, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)
+# Each pytest-xdist worker gets one core's worth of threads: two workers each running two torch threads
+# on two cores spend most of their time contending (the model matrix ran 4x slower that way). Subprocesses
+# the tests start inherit it.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 

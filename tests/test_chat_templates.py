@@ -306,6 +306,8 @@ def test_generation_blocks_that_train_the_prompts_newline_are_flagged(tokenizer)
 
 def test_a_template_whose_prompt_no_turn_starts_with_is_refused_at_set_up(tokenizer) -> None:
     # DeepSeek-V3's: the generation prompt ends with <think> that no rendered turn has.
-    source = CHATML.replace("<|im_start|>assistant{{ '\\n' }}{% endif %}", "<|im_start|>assistant{{ '\\n' }}<think>{% endif %}")
+    source = CHATML.replace(
+        "<|im_start|>assistant{{ '\\n' }}{% endif %}", "<|im_start|>assistant{{ '\\n' }}<think>{% endif %}"
+    )
     with pytest.raises(ValueError, match="rewrites history"):
         _template(tokenizer, source)

@@ -283,9 +283,7 @@ def test_docs_cover_every_field() -> None:
 
 
 def test_docs_reference_is_current() -> None:
-    regenerate = (
-        "regenerate with: python scripts/regenerate_docs.py"
-    )
+    regenerate = "regenerate with: python scripts/regenerate_docs.py"
     assert config_reference_markdown() in (REPO / "docs" / "config.md").read_text(encoding="utf-8"), (
         regenerate
     )

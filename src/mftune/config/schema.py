@@ -45,7 +45,7 @@ class ModelConfig(_Section):
         "auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3", "flex_attention"
     ] = Field(
         "auto",
-        description="Attention implementation. varlen: packed samples run as separate sequences through a variable-length kernel (torch's or flash-attn's on CUDA, else a slow reference kernel). auto: varlen for isolated packing on CUDA GPUs with such a kernel (float16/bfloat16, sm80+), else sdpa. Other names go to transformers.",
+        description="Attention implementation. varlen: packed samples run as separate sequences through a variable-length kernel (torch's or flash-attn's on CUDA, else a slow reference kernel). auto: varlen for isolated packing on CUDA GPUs with such a kernel (float16/bfloat16, sm80+) unless the model soft-caps attention logits or has a sliding window shorter than data.max_seq_len, else sdpa (eager for models without sdpa, such as Gemma-2). Other names go to transformers.",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="Recompute activations in backward. auto: on for models over 1B parameters."

@@ -19,7 +19,8 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     `down_proj`), GPT-NeoX (`query_key_value`, `dense`, `dense_h_to_4h`, `dense_4h_to_h`), Phi-3
     (`qkv_proj`, `gate_up_proj` ...) and GPT-2 style `Conv1D` layers alike. peft matches a suffix
     against the end of each module's dotted name. A linear layer whose suffix is also the head's
-    name is listed by its full name instead, so the head is never wrapped.
+    name is listed by its full name instead, so the head is never wrapped; mixture-of-experts routers
+    (`router_modules`) are never listed: adapting them would change which experts see a token.
 
     Args:
         model: A transformers causal LM (not yet wrapped by peft).
@@ -31,13 +32,44 @@ def lora_target_modules(model: nn.Module) -> list[str]:
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    routers = set(router_modules(model))
     targets: dict[str, None] = {}
     for name, module in model.named_modules():
-        if module is head or not isinstance(module, nn.Linear | Conv1D):
+        if module is head or name in routers or not isinstance(module, nn.Linear | Conv1D):
             continue
         suffix = name.rsplit(".", 1)[-1]
         targets[name if suffix in head_names else suffix] = None
     return list(targets)
+
+
+def router_modules(model: nn.Module) -> list[str]:
+    """Full names of a mixture-of-experts model's routing layers: linear layers that score the experts
+    (as many outputs as the model has experts) or gate a shared expert (one output), in MoE blocks.
+
+    Args:
+        model: A transformers causal LM.
+
+    Returns:
+        Names such as `model.layers.0.mlp.gate`; empty for a dense model.
+    """
+    config = getattr(model, "config", None)
+    experts = next(
+        (
+            getattr(config, key)
+            for key in ("num_local_experts", "num_experts", "n_routed_experts")
+            if getattr(config, key, None)
+        ),
+        None,
+    )
+    if not experts:
+        return []
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module.out_features in (experts, 1)
+        and name.rsplit(".", 1)[-1].endswith("gate")
+    ]
 
 
 def resolve_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +55,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_attention(
-    name: str, device: torch.device, *, packing: str | None = None, dtype: torch.dtype | None = None
+    name: str,
+    device: torch.device,
+    *,
+    packing: str | None = None,
+    dtype: torch.dtype | None = None,
+    limits: AttentionLimits | None = None,
+    max_seq_len: int | None = None,
 ) -> str:
     """The transformers `attn_implementation` a `model.attention` setting means.
 
@@ -65,17 +72,39 @@ def resolve_attention(
 
     `auto` is `mftune_varlen` for isolated packing on a CUDA device where torch's or flash-attn's
     varlen kernel runs in `dtype`, and sdpa otherwise: transformers derives a block-causal mask from
-    restarting position ids, so isolated packing is exact with sdpa too, only slower. Other names
-    pass through to transformers.
+    restarting position ids, so isolated packing is exact with sdpa too, only slower. `limits` (see
+    `attention_limits`) narrow both: `auto` keeps off `mftune_varlen` for a model it cannot run
+    (logit soft-capping, a sliding window shorter than `max_seq_len`), and is eager for one without sdpa attention in transformers
+    (Gemma-2), which builds the same block-causal mask. Other names pass through to transformers.
 
     Args:
         name: A `ModelConfig.attention` value.
         device: Where the model will run.
         packing: The `data.packing` mode, when known.
         dtype: The model's weight dtype, when known.
+        limits: What the model's architecture allows; everything when not given.
+        max_seq_len: The longest sample, when known.
+
+    Raises:
+        ValueError: `sdpa` or `varlen` for a model that cannot run it.
+        MissingPackageError: A flash-attention setting without its package.
     """
+    limits = limits or AttentionLimits()
     half = dtype in (None, torch.float16, torch.bfloat16)
     if name == "varlen":
+        if limits.softcapping:
+            raise ValueError(
+                "model.attention varlen: this model soft-caps its attention logits, which mftune_varlen "
+                "does not implement; set model.attention: auto"
+            )
+        window = limits.sliding_window
+        if window is not None and max_seq_len is not None and max_seq_len > window:
+            # Refused now rather than at the first sample longer than the window, hours in.
+            raise ValueError(
+                f"model.attention varlen: this model attends within a {window}-token sliding window, "
+                f"which mftune_varlen does not implement, and data.max_seq_len {max_seq_len} is longer; "
+                f"set data.max_seq_len <= {window}, or model.attention: auto"
+            )
         if not (half and cuda_varlen_kernel_available(device)):
             warnings.warn(
                 f"attention 'varlen' has no CUDA kernel on {device} in {dtype or 'this dtype'} (torch >= 2.10 "
@@ -85,9 +114,20 @@ def resolve_attention(
             )
         return register_varlen_attention()
     if name == "auto":
-        if packing == "isolated" and half and cuda_varlen_kernel_available(device):
+        if (
+            packing == "isolated"
+            and half
+            and not limits.softcapping
+            and (limits.sliding_window is None or max_seq_len is None or max_seq_len <= limits.sliding_window)
+            and cuda_varlen_kernel_available(device)
+        ):
             return register_varlen_attention()
-        return "sdpa"
+        return "sdpa" if limits.sdpa else "eager"
+    if name == "sdpa" and not limits.sdpa:
+        raise ValueError(
+            "model.attention sdpa: this model has no sdpa attention in the installed transformers; "
+            "set model.attention: auto or eager"
+        )
     package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(name)
     if package and importlib.util.find_spec(package) is None:
         raise MissingPackageError(
@@ -103,6 +143,7 @@ def load_model(
     *,
     device: torch.device,
     packing: str | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.nn.Module:
     """Load `model_cfg.name_or_path` ready for training with `finetune_cfg.method`.
 
@@ -111,6 +152,7 @@ def load_model(
         finetune_cfg: The `finetune` config section.
         device: Where the model is trained.
         packing: The `data.packing` mode, which `model.attention: auto` depends on.
+        max_seq_len: `data.max_seq_len`, which `auto` compares with a sliding window.
 
     Returns:
         The causal LM on `device` with `config.use_cache` off: a plain model for `full`, a `PeftModel`
@@ -127,7 +169,14 @@ def load_model(
     dtype = resolve_dtype(model_cfg.dtype, device)
     kwargs = {
         "dtype": dtype,
-        "attn_implementation": resolve_attention(model_cfg.attention, device, packing=packing, dtype=dtype),
+        "attn_implementation": resolve_attention(
+            model_cfg.attention,
+            device,
+            packing=packing,
+            dtype=dtype,
+            limits=attention_limits(_config_of(model_cfg)),
+            max_seq_len=max_seq_len,
+        ),
         "trust_remote_code": model_cfg.trust_remote_code,
     }
     if method == "qlora":
@@ -153,6 +202,54 @@ def load_model(
     if method == "full":
         return model
     return apply_lora(model, finetune_cfg.lora, use_dora=method == "dora")
+
+
+def _config_of(model_cfg: ModelConfig):
+    """The model's `PretrainedConfig`, or None where it cannot be read up front (from_pretrained then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except Exception:  # an unloadable path is reported by from_pretrained, with its own message
+        return None
+
+
+@dataclass(frozen=True)
+class AttentionLimits:
+    """What a model's architecture allows of the attention backends.
+
+    Attributes:
+        sdpa: Whether its transformers class runs sdpa attention.
+        softcapping: Whether it soft-caps attention logits, which `mftune_varlen` does not implement.
+        sliding_window: Its sliding window in tokens, which `mftune_varlen` runs only for samples no
+            longer than the window; None without one.
+    """
+
+    sdpa: bool = True
+    softcapping: bool = False
+    sliding_window: int | None = None
+
+
+def attention_limits(config) -> AttentionLimits:
+    """The `AttentionLimits` of a model with `PretrainedConfig` `config` (None: no limits known)."""
+    if config is None:
+        return AttentionLimits()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # None for remote code
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if layer_types:  # Qwen2/3 keep a window in the config that no layer uses
+        window = window if "sliding_attention" in layer_types else None
+    elif not getattr(config, "use_sliding_window", True):
+        window = None
+    return AttentionLimits(
+        sdpa=bool(getattr(model_class, "_supports_sdpa", True)),
+        softcapping=bool(getattr(config, "attn_logit_softcapping", None)),
+        sliding_window=window or None,
+    )
 
 
 def _wants_checkpointing(setting: str, model: torch.nn.Module, method: str) -> bool:

@@ -10,8 +10,19 @@ from mftune.tiny.tokenizer import IM_END, tokenizer_path
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-TinyArch = Literal["llama", "qwen2", "gpt_neox", "phi3"]
-TINY_ARCHITECTURES: tuple[TinyArch, ...] = ("llama", "qwen2", "gpt_neox", "phi3")
+# The architectures most tests use: two with GQA (one with biased q/k/v), and two with other projection
+# names (fused qkv_proj/gate_up_proj; query_key_value/dense_h_to_4h) that catch LoRA target assumptions.
+TINY_ARCHITECTURES = ("llama", "qwen2", "gpt_neox", "phi3")
+# Every family of the model matrix (docs/models.md): dense, mixture-of-experts, sliding-window,
+# soft-capped, multi-latent-attention and multi-query models.
+TINY_FAMILIES = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
+    "phi3", "starcoder2", "gpt_bigcode", "gpt_neox", "deepseek_v3", "glm4", "olmo2", "granite",
+)  # fmt: skip
+TinyArch = Literal[
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
+    "phi3", "starcoder2", "gpt_bigcode", "gpt_neox", "deepseek_v3", "glm4", "olmo2", "granite",
+]  # fmt: skip
 
 
 def build_tiny_config(
@@ -29,10 +40,11 @@ def build_tiny_config(
     max_position_embeddings: int = 1024,
     tie_word_embeddings: bool = False,
 ) -> PretrainedConfig:
-    """A transformers config for a tiny causal LM of one of `TINY_ARCHITECTURES`.
+    """A transformers config for a tiny causal LM of one of `TINY_FAMILIES`.
 
-    `llama`, `qwen2` (biased q/k/v) and `phi3` (fused `qkv_proj`/`gate_up_proj`) use grouped-query
-    attention with `num_kv_heads`; `gpt_neox` (`query_key_value`, `dense_h_to_4h`) has no GQA.
+    Most use grouped-query attention with `num_kv_heads`; `gpt_neox` has no GQA and `gpt_bigcode` is
+    multi-query; `deepseek_v3` has multi-latent attention; the mixture-of-experts ones have 4 experts, 2 per token; the sliding-window ones a window
+    of 16 tokens.
 
     Raises:
         ValueError: unknown `arch`.
@@ -52,17 +64,55 @@ def build_tiny_config(
         "tie_word_embeddings": tie_word_embeddings,
         "dtype": "float32",
     }
+    head_dim = hidden_size // num_heads
+    gqa = {"num_key_value_heads": num_kv_heads}
+    experts = {"num_experts_per_tok": 2, "moe_intermediate_size": intermediate_size // 4}
+    window = {"sliding_window": 16}  # shorter than the test samples, so the window matters
     per_arch: dict[str, dict] = {
-        "llama": {"num_key_value_heads": num_kv_heads, "head_dim": hidden_size // num_heads},
-        "qwen2": {"num_key_value_heads": num_kv_heads},
-        "phi3": {
-            "num_key_value_heads": num_kv_heads,
-            "original_max_position_embeddings": max_position_embeddings,
+        "llama": {**gqa, "head_dim": head_dim},
+        "mistral": {**gqa, **window},
+        "mixtral": {**gqa, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen2": gqa,
+        "qwen2_moe": {
+            **gqa,
+            **experts,
+            "num_experts": 4,
+            "shared_expert_intermediate_size": intermediate_size,
+        },
+        "qwen3": {**gqa, "head_dim": head_dim},
+        "qwen3_moe": {**gqa, **experts, "num_experts": 4, "head_dim": head_dim},
+        "gemma2": {**gqa, **window, "head_dim": head_dim},
+        "gemma3_text": {**gqa, **window, "head_dim": head_dim},
+        "phi3": {**gqa, "original_max_position_embeddings": max_position_embeddings},
+        "starcoder2": gqa,
+        "gpt_bigcode": {
+            "n_embd": hidden_size,
+            "n_layer": num_layers,
+            "n_head": num_heads,
+            "n_positions": max_position_embeddings,
         },
         "gpt_neox": {},
+        "deepseek_v3": {
+            # Multi-latent attention expands K/V to every head: transformers repeats them by
+            # heads / kv_heads, so kv_heads must equal heads (as in DeepSeek's own configs).
+            "num_key_value_heads": num_heads,
+            **experts,
+            "n_routed_experts": 4,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "q_lora_rank": hidden_size // 2,
+            "kv_lora_rank": hidden_size // 4,
+            "qk_rope_head_dim": head_dim // 2,
+            "qk_nope_head_dim": head_dim // 2,
+            "v_head_dim": head_dim,
+        },
+        "glm4": {**gqa, "head_dim": head_dim},
+        "olmo2": gqa,
+        "granite": gqa,
     }
     if arch not in per_arch:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {list(TINY_ARCHITECTURES)}")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {list(TINY_FAMILIES)}")
     return AutoConfig.for_model(arch, **common, **per_arch[arch])
 
 

@@ -73,7 +73,13 @@ def _train(cfg: Config, accelerator) -> Path:
     )
     total_steps = planned_steps(cfg, data, plan)
 
-    model = load_model(cfg.model, cfg.finetune, device=accelerator.device, packing=cfg.data.packing)
+    model = load_model(
+        cfg.model,
+        cfg.finetune,
+        device=accelerator.device,
+        packing=cfg.data.packing,
+        max_seq_len=cfg.data.max_seq_len,
+    )
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     configure_deepspeed(

@@ -190,7 +190,8 @@ def plot_task_curves(output_dir: str | Path, task_names: list[str]) -> Path | No
                 ax.plot(*zip(*points, strict=True), label=task)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize="small")
+        if ax.get_lines():  # a panel with no points yet (a run shorter than log_every) has no legend
+            ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(output_dir) / "plots" / "tasks.png"
     out.parent.mkdir(exist_ok=True)
