@@ -60,11 +60,44 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
 
+    _eval_args(commands)
+
     chat = commands.add_parser("chat", help="chat with a trained model in the terminal")
     chat.add_argument("model", help="model, adapter or run folder")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     return parser
+
+
+def _eval_args(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="score a run, checkpoint or model per task: loss, exact match, pass@k in a sandbox"
+    )
+    evaluate.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="TARGET [CONFIG] [key.path=value ...]",
+        help="a run folder, a checkpoint or a model folder; a config whose eval section to use; overrides",
+    )
+    evaluate.add_argument("--benchmark", choices=("humaneval",), help="evaluate a built-in benchmark only")
+    evaluate.add_argument(
+        "--dry-run",
+        type=int,
+        nargs="?",
+        const=3,
+        metavar="N",
+        help="print N prompts per task (default 3), generate nothing",
+    )
+    evaluate.add_argument("--out", metavar="DIR", help="where results go (default: TARGET/eval)")
+    evaluate.add_argument("--workers", type=int, help="programs run at once (eval.sandbox.workers)")
+    evaluate.add_argument("--show", type=int, default=0, metavar="N", help="print N sample rows per task")
+    evaluate.add_argument(
+        "--samples",
+        metavar="FILE.jsonl",
+        help="score completions made elsewhere ({task_id, completion} lines)",
+    )
+    evaluate.add_argument("--problems", metavar="humaneval|FILE", help="the problems --samples answer")
+    evaluate.add_argument("--k", default="1", help="pass@k values for --samples, comma-separated (default 1)")
 
 
 def _launch_args(commands) -> None:
@@ -108,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("merge", None): _merge,
         ("generate", None): _generate,
         ("chat", None): _chat,
+        ("eval", None): _eval,
     }
     from mftune.config.errors import MissingPackageError
 
@@ -255,6 +289,12 @@ def _generate(args) -> int:
         return 2
     print(f"wrote {count} outputs to {args.output}")
     return 0
+
+
+def _eval(args) -> int:
+    from mftune.eval.command import main as eval_main
+
+    return eval_main(args)
 
 
 def _chat(args) -> int:

@@ -15,9 +15,11 @@ import yaml
 from pydantic import ValidationError
 
 from mftune.config.errors import ConfigError, describe_errors
+from mftune.config.eval_schema import EvalConfig
 from mftune.config.mftcoder import from_mftcoder, looks_like_mftcoder
 from mftune.config.reference import reference_markdown
 from mftune.config.schema import Config, tasks_as_dict
+from mftune.config.section import Section
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,31 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
     except ValidationError as err:
         lines = describe_errors(err, Config)
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def eval_config_from_overrides(overrides: Sequence[str]) -> EvalConfig:
+    """An `eval` section from `eval.*` overrides alone (a model evaluated without a run or a config).
+
+    Raises:
+        ConfigError: an override outside `eval.`, or an invalid value.
+    """
+    raw: dict[str, Any] = {}
+    try:
+        for item in overrides:
+            if not item.startswith("eval."):
+                raise ValueError(f"override {item!r}: without a run or a CONFIG only eval.* keys apply")
+            _apply_override(raw, item)
+    except ValueError as err:
+        raise ConfigError(f"invalid overrides:\n  {err}") from None
+    try:
+        return _EvalOnly.model_validate({"eval": raw.get("eval", {})}).eval
+    except ValidationError as err:
+        lines = describe_errors(err, _EvalOnly)
+        raise ConfigError("invalid overrides:\n  " + "\n  ".join(lines)) from None
+
+
+class _EvalOnly(Section):
+    eval: EvalConfig
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -155,7 +182,12 @@ def _get(tree: dict[str, Any], keys: list[str]) -> Any:
 
 
 # Path fields outside tasks; model names are only treated as paths when they look like one.
-_PATH_FIELDS = (("data", "template", "jinja_file"), ("data", "cache_dir"), ("train", "output_dir"))
+_PATH_FIELDS = (
+    ("data", "template", "jinja_file"),
+    ("data", "cache_dir"),
+    ("train", "output_dir"),
+    ("eval", "output_dir"),
+)
 _MODEL_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"))
 
 
@@ -187,6 +219,9 @@ def _resolve_raw_paths(raw: dict[str, Any], base: Path) -> None:
         if isinstance(task, dict):
             _resolve(task, "path", base)
             _resolve(task, "valid_path", base)
+    for task in section("eval", "tasks").values():
+        if isinstance(task, dict):
+            _resolve(task, "path", base)
 
 
 def _resolve(node: dict[str, Any], key: str, base: Path) -> None:

@@ -9,21 +9,17 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mftune.config.errors import field_error
+from mftune.config.eval_schema import EvalConfig
+from mftune.config.section import Section as _Section
 
 # MFTCoder's loss mode names, accepted for `train.loss`. The only place they are mapped.
 LOSS_ALIASES: dict[str, str] = {"case1": "token", "case2": "sample", "case3": "task", "case4": "task_sample"}
 
 _TASK_NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(_Section):
@@ -301,6 +297,11 @@ class TrainConfig(_Section):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard logs (when tensorboard is installed).")
     plots: bool = Field(True, description="Render per-task loss and weight curves to PNG at the end.")
+    eval_generate_every: int | None = Field(
+        None,
+        ge=1,
+        description="Run the eval section's generation metrics (exact match, pass@k) every this many optimizer steps; null: only at the end.",
+    )
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -353,6 +354,7 @@ class Config(_Section):
     data: DataConfig = Field(description="Tasks and the data pipeline.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
     coba: CobaConfig = Field(default_factory=CobaConfig, description="Convergence balancing.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-task evaluation.")
 
 
 def tasks_as_dict(value: Any) -> Any:

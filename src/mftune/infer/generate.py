@@ -96,8 +96,8 @@ def generate_batch(
     """Generate the assistant's reply to each conversation.
 
     Prompts are rendered with the tokenizer's chat template and tokenized as training tokenized them
-    (`prompt_ids`: without adding special tokens again, cut at earlier answers' boundaries). Batches are formed from prompts of similar length to
-    waste little padding; results come back in input order.
+    (`prompt_ids`: without adding special tokens again, cut at earlier answers' boundaries). Batches
+    are formed from prompts of similar length to waste little padding; results come back in input order.
 
     Args:
         model: A causal LM (or `PeftModel`) in eval mode.
@@ -112,24 +112,64 @@ def generate_batch(
         One reply per conversation, special tokens removed, stripped.
     """
     prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    replies = generate_from_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+    )
+    return [samples[0].strip() for samples in replies]
+
+
+@torch.inference_mode()
+def generate_from_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    stop_strings: list[str] | None = None,
+    seed: int | None = None,
+) -> list[list[str]]:
+    """`num_samples` continuations of each tokenized prompt, decoded without special tokens, unstripped.
+
+    Sequences of similar length share a batch; `seed` seeds sampling once, before the first batch, so
+    the same prompts, settings and engine give the same samples again. `stop_strings` end a sequence
+    once its text contains one (the text is cut there by the caller).
+
+    Returns:
+        For each prompt, its `num_samples` texts.
+    """
     kwargs = generation_kwargs(
         model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
     )
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    if seed is not None:
+        torch.manual_seed(seed)
+    jobs = sorted(
+        ((i, j) for i in range(len(prompts)) for j in range(num_samples)), key=lambda ij: len(prompts[ij[0]])
+    )
+    texts: list[list[str]] = [[""] * num_samples for _ in prompts]
     with _left_padded(tokenizer):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
             inputs = tokenizer.pad(
-                {"input_ids": [prompts[i] for i in chunk]}, padding=True, return_tensors="pt"
+                {"input_ids": [prompts[i] for i, _ in chunk]}, padding=True, return_tensors="pt"
             ).to(model.device)
             output = model.generate(**inputs, **kwargs)
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            for i, text in zip(
-                chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-            ):
-                replies[i] = text.strip()
-    return replies
+            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for (i, j), text in zip(chunk, decoded, strict=True):
+                texts[i][j] = text
+    return texts
 
 
 def read_requests(path: str | Path) -> list[tuple[dict, Messages]]:

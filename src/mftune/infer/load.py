@@ -98,12 +98,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>` ...)."""
     eos = model.generation_config.eos_token_id
     ids = list(eos) if isinstance(eos, list) else [eos]
-    ids += [tokenizer.eos_token_id, _turn_closing_id(tokenizer)]
+    ids += [tokenizer.eos_token_id, turn_closing_id(tokenizer)]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _turn_closing_id(tokenizer) -> int | None:
-    # What the template writes right after an assistant reply; its first special token closes the turn.
+def turn_closing_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant reply (it closes the turn)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     from jinja2 import TemplateError

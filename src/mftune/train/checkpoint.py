@@ -84,13 +84,11 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG states in place; return the trainer state.
+def load_trainable(path: str | Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's trained weights into `model`'s trainable parameters, which must match them.
 
     Raises:
-        ValueError: the checkpoint's parameters do not match the model's trainable ones.
+        ValueError: the checkpoint's parameters are not the model's trainable ones.
     """
     path = Path(path)
     weights = load_file(path / "trainable.safetensors")
@@ -103,7 +101,19 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
+    """Restore weights, optimizer, scheduler and RNG states in place; return the trainer state.
+
+    Raises:
+        ValueError: the checkpoint's parameters do not match the model's trainable ones.
+    """
+    path = Path(path)
+    load_trainable(path, model)
     states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,9 +102,12 @@ def _train(cfg: Config, accelerator) -> Path:
         evaluate, accelerator, model, data, pad_id, cfg.train.micro_batch_size, spec.chunk_size
     )
 
+    generation_eval = _generation_eval(cfg, accelerator, tokenizer, data)
+    last_valid: dict[str, float] = {}
     if state.step == 0:  # the baseline every later evaluation is read against
         with log.untimed():
-            log.write(0, validate())
+            last_valid = validate()
+            log.write(0, last_valid)
             log.write(0, balancer.after_step(0, model, accelerator.device))
         state.extra = balancer.state_dict()
     model.train()
@@ -120,10 +124,14 @@ def _train(cfg: Config, accelerator) -> Path:
             log.write(state.step, coba_values)
         if state.step % cfg.train.eval_every == 0 or state.step == total_steps:
             with log.untimed():
-                metrics = validate()
+                metrics = last_valid = validate()
             log.write(state.step, metrics)
             if _early_stop(cfg, state, metrics):
                 break
+        every = cfg.train.eval_generate_every
+        if every and state.step % every == 0 and state.step < total_steps:
+            with log.untimed():
+                log.write(state.step, _run_generation_eval(generation_eval, accelerator, model))
         stopping = stop.agreed(accelerator)
         if state.step % cfg.train.save_every == 0 or stopping:
             with log.untimed():
@@ -133,8 +141,41 @@ def _train(cfg: Config, accelerator) -> Path:
     if saved_at != state.step:  # decided in memory, the same on every rank (machines may not share files)
         _save(cfg, accelerator, model, optimizer, scheduler, state)
     final = _export(accelerator, model, tokenizer, data, out / "final")
+    if generation_eval is not None or cfg.eval.tasks:
+        samples = {t.name: len(t.valid) for t in data.tasks}
+        log.write(state.step, _run_generation_eval(generation_eval, accelerator, model, last_valid, samples))
     log.close(plots=cfg.train.plots)
     return final
+
+
+def _generation_eval(cfg: Config, accelerator, tokenizer, data: MultiTaskData):
+    """The eval section's scorer on the main process, or None: no eval tasks, another rank, or weights
+    that no single rank holds (ZeRO, FSDP), where the final model is evaluated with `mftune eval`."""
+    if not cfg.eval.tasks or not accelerator.is_main_process:
+        return None
+    if shards_state(accelerator):
+        warnings.warn(
+            "eval.tasks are not scored during training under DeepSpeed ZeRO or FSDP (no rank holds the "
+            f"whole model): run `mftune eval {cfg.train.output_dir}` when it ends",
+            stacklevel=2,
+        )
+        return None
+    from mftune.eval.run import TrainingEval
+
+    return TrainingEval(cfg, tokenizer, data.template.chat_template())  # reads and checks the records now
+
+
+def _run_generation_eval(generation_eval, accelerator, model, valid=None, samples=None) -> dict[str, float]:
+    """The eval section's metrics (the end of training: also results.json); {} on other ranks."""
+    metrics = {}
+    if generation_eval is not None:
+        unwrapped = accelerator.unwrap_model(model)
+        if valid is None:
+            metrics = generation_eval.metrics(unwrapped)
+        else:
+            metrics = generation_eval.final(unwrapped, valid, samples or {})
+    accelerator.wait_for_everyone()
+    return metrics
 
 
 def planned_steps(cfg: Config, data: MultiTaskData, plan: BatchPlan) -> int:

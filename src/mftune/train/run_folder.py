@@ -41,6 +41,8 @@ RESUMABLE_CHANGES = (
     "train.keep_best",
     "train.tensorboard",
     "train.plots",
+    "train.eval_generate_every",
+    "eval.",
     "train.early_stopping.patience",
     "data.num_proc",
     "data.cache_dir",
