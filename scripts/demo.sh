@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The mftune demo, on CPU in a few minutes: set up, build a tiny model, check the data, fine-tune it on
-# four tasks at once, merge the adapter, and answer held-out prompts of every task.
+# four tasks at once, merge the adapter, and score every task on its held-out problems.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,17 +17,14 @@ step "mftune data inspect configs/demo.yaml --task arithmetic --index 1"
 $mftune data inspect configs/demo.yaml --task arithmetic --index 1
 
 step "mftune train configs/demo.yaml  (LoRA, loss 'task', 8 epochs)"
-rm -rf runs/demo
+rm -rf runs/demo runs/demo-merged
 $mftune train configs/demo.yaml
 
 step "mftune merge runs/demo --out runs/demo-merged"
 $mftune merge runs/demo --out runs/demo-merged
 
-step "mftune generate runs/demo-merged on the held-out prompts of every task"
-cat examples/heldout/*.jsonl > runs/heldout.jsonl
-$mftune generate runs/demo-merged --input runs/heldout.jsonl --output runs/heldout-answers.jsonl --max-new-tokens 32
-
-step "what the demo learned"
-.venv/bin/python scripts/demo_report.py runs/demo runs/heldout-answers.jsonl
+step "mftune eval runs/demo  (validation loss and held-out exact match per task)"
+$mftune eval runs/demo --show 1
 echo
+echo "results: runs/demo/eval/results.json (per-sample: samples.jsonl, chart: scores.png)"
 echo "plots: runs/demo/plots/tasks.png   metrics: runs/demo/metrics.jsonl   tensorboard --logdir runs/demo/tensorboard"

@@ -91,6 +91,7 @@ def _eval_args(commands) -> None:
     evaluate.add_argument("--out", metavar="DIR", help="where results go (default: TARGET/eval)")
     evaluate.add_argument("--workers", type=int, help="programs run at once (eval.sandbox.workers)")
     evaluate.add_argument("--show", type=int, default=0, metavar="N", help="print N sample rows per task")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N problems of every task")
     evaluate.add_argument(
         "--samples",
         metavar="FILE.jsonl",

@@ -81,25 +81,41 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def eval_config_from_overrides(overrides: Sequence[str]) -> EvalConfig:
-    """An `eval` section from `eval.*` overrides alone (a model evaluated without a run or a config).
+def eval_config_from_overrides(overrides: Sequence[str], path: str | Path | None = None) -> EvalConfig:
+    """An `eval` section on its own: from a file holding only `eval:` (paths relative to it) and/or
+    `eval.*` overrides, for a model evaluated without a run or a training config.
 
     Raises:
-        ConfigError: an override outside `eval.`, or an invalid value.
+        ConfigError: the file holds more than `eval:`, an override is outside `eval.`, or a value is invalid.
     """
     raw: dict[str, Any] = {}
+    source = str(path) if path else "overrides"
+    if path is not None:
+        raw = _read(Path(path))
+        if set(raw) - {"eval"}:
+            raise ConfigError(
+                f"{path}: an eval config holds only an eval section, not {sorted(set(raw) - {'eval'})}"
+            )
+        _resolve_raw_paths(raw, Path(path).parent.absolute())
     try:
         for item in overrides:
             if not item.startswith("eval."):
-                raise ValueError(f"override {item!r}: without a run or a CONFIG only eval.* keys apply")
+                raise ValueError(
+                    f"override {item!r}: without a run or a training config only eval.* keys apply"
+                )
             _apply_override(raw, item)
     except ValueError as err:
-        raise ConfigError(f"invalid overrides:\n  {err}") from None
+        raise ConfigError(f"invalid {source}:\n  {err}") from None
     try:
         return _EvalOnly.model_validate({"eval": raw.get("eval", {})}).eval
     except ValidationError as err:
         lines = describe_errors(err, _EvalOnly)
-        raise ConfigError("invalid overrides:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def is_eval_only(path: str | Path) -> bool:
+    """Whether a config file holds an eval section and nothing else."""
+    return set(_read(Path(path))) == {"eval"}
 
 
 class _EvalOnly(Section):

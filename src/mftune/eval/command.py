@@ -62,8 +62,12 @@ def _evaluate(args) -> int:
         )
     overrides = [*rest, *_flag_overrides(args)]
     run_cfg, eval_cfg = _configs(target, config_path, overrides)
-    if args.benchmark:
-        eval_cfg = eval_cfg.model_copy(update={"tasks": {args.benchmark: _benchmark_task(args.benchmark)}})
+    if args.benchmark:  # the benchmark alone, with its settings from the config when it has them
+        task = eval_cfg.tasks.get(args.benchmark) or _benchmark_task(args.benchmark)
+        eval_cfg = eval_cfg.model_copy(update={"tasks": {args.benchmark: task}})
+    if args.limit:
+        tasks = {name: t.model_copy(update={"limit": args.limit}) for name, t in eval_cfg.tasks.items()}
+        eval_cfg = eval_cfg.model_copy(update={"tasks": tasks})
     if not eval_cfg.tasks and not (eval_cfg.loss and run_cfg is not None):
         raise TargetError(
             "nothing to evaluate: give --benchmark humaneval, eval.tasks in a CONFIG, or a run (for its losses)"
@@ -84,21 +88,29 @@ def _configs(target, config_path: str | None, overrides: list[str]):
     """(the `Config` whose data gives the validation losses, or None; the eval section).
 
     A run's own resolved config always describes its model and data; a CONFIG given with it contributes
-    its eval section. With a bare model folder, CONFIG (if any) supplies both.
+    its eval section. With a bare model folder, CONFIG (if any) supplies both. A CONFIG that holds only
+    an `eval:` section (examples/eval/code.yaml) is read on its own.
     """
     from mftune.config import load_config
-    from mftune.config.load import eval_config_from_overrides
+    from mftune.config.load import eval_config_from_overrides, is_eval_only
 
-    if target.run_config is None:
+    run_config = target.run_config
+    if config_path is not None and is_eval_only(config_path):
+        eval_cfg = eval_config_from_overrides([o for o in overrides if o.startswith("eval.")], config_path)
+        if run_config is None:
+            return None, eval_cfg
+        run_overrides = [o for o in overrides if not o.startswith("eval.")]
+        return load_config(run_config, run_overrides).model_copy(update={"eval": eval_cfg}), eval_cfg
+    if run_config is None:
         if config_path is None:
             return None, eval_config_from_overrides(overrides)
         cfg = load_config(config_path, overrides)
         return cfg, cfg.eval
     if config_path is None:
-        cfg = load_config(target.run_config, overrides)
+        cfg = load_config(run_config, overrides)
         return cfg, cfg.eval
     eval_cfg = load_config(config_path, overrides).eval
-    return load_config(target.run_config).model_copy(update={"eval": eval_cfg}), eval_cfg
+    return load_config(run_config).model_copy(update={"eval": eval_cfg}), eval_cfg
 
 
 def _benchmark_task(name: str):

@@ -80,7 +80,11 @@ def read_problems(task: str, path: str | Path, limit: int | None = None) -> list
     files = [path] if path.name.endswith(".jsonl.gz") else find_data_files(path)
     problems, errors = [], []
     for file in files:
-        for line, item in _items(file):
+        try:
+            items = _items(file)
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:  # gzip, UTF-8, JSON list errors
+            raise FileNotFoundError(f"eval task {task}: cannot read {file}: {err}") from None
+        for line, item in items:
             where = f"{file}:{line}"
             try:
                 problems.append(parse_problem(task, decode_item(item), where))

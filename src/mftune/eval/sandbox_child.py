@@ -1,22 +1,22 @@
-"""The process a generated program runs in, started by `mftune.eval.sandbox` as `python -I THIS LIMITS`.
+"""The process a generated program runs in, started by `mftune.eval.sandbox` as
+`python -I THIS CPU_SECONDS MEMORY_BYTES FILE_SIZE_BYTES MAX_PROCESSES UID GID READ_ALL` (UID and GID -1:
+stay; READ_ALL 0 or 1).
 
-Standard library only (it runs in isolated mode, without mftune on its path). It forks: the parent
+Standard library only (it runs in isolated mode, without mftune on its path), and as few imports as
+it can do with: a sandbox start is paid once per program. It forks: the parent
 supervises (it is process 1 of the private PID namespace when there is one, and init there ignores
 signals it has no handler for, so the program must not be it), and the child sets the resource limits
 and no_new_privs, drops root to `nobody` when asked (keeping only the capability to read files when
 asked, for a Python installation `nobody` cannot read), and runs `program.py` from the working folder. Exactly one JSON line
-reaches the original stdout: `{"status": ..., "message": ...}`.
+reaches the original stdout: `STATUS<TAB>MESSAGE`.
 """
 
 import ctypes
 import errno
-import json
 import os
 import resource
-import runpy
 import signal
 import sys
-import traceback
 
 PROGRAM = "program.py"
 _SIGNALS = {
@@ -29,7 +29,16 @@ _SIGNALS = {
 
 
 def main() -> None:
-    limits = json.loads(sys.argv[1])
+    cpu, memory, file_size, processes, uid, gid, read_all = (int(a) for a in sys.argv[1:8])
+    limits = {
+        "cpu_seconds": cpu,
+        "memory_bytes": memory,
+        "file_size_bytes": file_size,
+        "max_processes": processes,
+        "uid": None if uid < 0 else uid,
+        "gid": None if gid < 0 else gid,
+        "read_all": bool(read_all),
+    }
     report_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # the program's own output is not kept
@@ -44,7 +53,9 @@ def main() -> None:
         _report(report_fd, kind, message)
     # A worker that exits without a signal has reported, unless the program ended it (os._exit): the
     # caller reads a missing report as that.
-    if os.getpid() != 1:  # outside a PID namespace: take down whatever the program left behind
+    # Outside a PID namespace, take down whatever the program left behind: the group is this process's
+    # own (the caller starts it in a new session), never a shell's that ran it by hand.
+    if os.getpid() != 1 and os.getpgrp() == os.getpid():
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -111,7 +122,9 @@ def _check(result: int, what: str) -> None:
 
 def _execute() -> tuple[str, str]:
     try:
-        runpy.run_path(PROGRAM, run_name="__main__")
+        with open(PROGRAM, encoding="utf-8") as f:
+            code = compile(f.read(), PROGRAM, "exec")
+        exec(code, {"__name__": "__main__", "__file__": PROGRAM, "__builtins__": __builtins__})
     except AssertionError as err:
         return "failed", _describe(err)
     except MemoryError:
@@ -131,6 +144,8 @@ def _execute() -> tuple[str, str]:
 
 def _describe(err: BaseException) -> str:
     """The exception line, and for a bare assert the line of the program that failed."""
+    import traceback  # only on failure: it costs a few milliseconds per start
+
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith(PROGRAM)]
     if frames and frames[-1].line:
@@ -139,7 +154,8 @@ def _describe(err: BaseException) -> str:
 
 
 def _report(fd: int, status: str, message: str) -> None:
-    os.write(fd, (json.dumps({"status": status, "message": message}) + "\n").encode())
+    line = message.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+    os.write(fd, f"{status}\t{line}\n".encode("utf-8", "replace"))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mftune.config.errors import ConfigError
 from mftune.config.eval_schema import EvalConfig, EvalTaskConfig
 from mftune.data.reader import DataError
 from mftune.eval.benchmarks import benchmark_file
@@ -101,7 +102,13 @@ def encode_prompts(task: EvalTask, tokenizer, context: int | None) -> list[Encod
     """
     from mftune.infer.generate import prompt_ids
 
-    style = resolve_style(task.cfg.prompt, bool(getattr(tokenizer, "chat_template", None)))
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    style = resolve_style(task.cfg.prompt, has_template)
+    if style == "chat" and not has_template:
+        raise ConfigError(
+            f"eval.tasks.{task.name}.prompt.style is chat, but the tokenizer has no chat template: "
+            "set it to completion (or auto)"
+        )
     encoded, errors = [], []
     for problem in task.problems:
         prompt = build_prompt(problem, task.cfg.prompt, style)
