@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
 
     _eval_args(commands)
+    _serve_args(commands)
 
     chat = commands.add_parser("chat", help="chat with a trained model in the terminal")
     chat.add_argument("model", help="model, adapter or run folder")
@@ -99,6 +100,34 @@ def _eval_args(commands) -> None:
     )
     evaluate.add_argument("--problems", metavar="humaneval|FILE", help="the problems --samples answer")
     evaluate.add_argument("--k", default="1", help="pass@k values for --samples, comma-separated (default 1)")
+
+
+def _serve_args(commands) -> None:
+    serve = commands.add_parser("serve", help="serve a run or model through an OpenAI-compatible API")
+    serve.add_argument("target", metavar="TARGET", help="a run folder, a checkpoint or a model folder")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key", help="required from clients as 'Authorization: Bearer KEY' (or MFTUNE_API_KEY)"
+    )
+    serve.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto",
+                       help="auto: vLLM when installed and a GPU is present, else the embedded engine")  # fmt: skip
+    serve.add_argument(
+        "--max-concurrency", type=int, default=16, metavar="N", help="sequences generated at once"
+    )
+    serve.add_argument("--model-name", help="the name clients ask for (default: the folder's name)")
+    serve.add_argument(
+        "--max-tokens", type=int, default=4096, metavar="N", help="the largest max_tokens a request may ask"
+    )
+    serve.add_argument("--max-n", type=int, default=8, metavar="N", help="the largest n a request may ask")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="MS",
+                       help="how long a batch waits for more requests to join it (embedded engine)")  # fmt: skip
+    serve.add_argument(
+        "--grace-seconds", type=int, default=30, help="on SIGTERM, time left to requests in flight"
+    )
+    serve.add_argument("--device", help="embedded engine: cpu, cuda, cuda:1 ... (default: CUDA when present)")
 
 
 def _launch_args(commands) -> None:
@@ -143,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("generate", None): _generate,
         ("chat", None): _chat,
         ("eval", None): _eval,
+        ("serve", None): _serve,
     }
     from mftune.config.errors import MissingPackageError
 
@@ -296,6 +326,12 @@ def _eval(args) -> int:
     from mftune.eval.command import main as eval_main
 
     return eval_main(args)
+
+
+def _serve(args) -> int:
+    from mftune.serve.command import main as serve_main
+
+    return serve_main(args)
 
 
 def _chat(args) -> int:
