@@ -252,7 +252,9 @@ def _loss(raw: Mapping[str, Any], notes: list[str]) -> Updates:
             "weighted_loss_mode: 'selfpaced' is not offered by mftune; use 'coba' (convergence balancing) "
             "or 'case3'"
         )
-    return {} if mode is None else {("train", "loss"): mode}
+    # MFTCoder normalises every mode within each micro-batch on each device: so does its config here.
+    scope = {("train", "loss_scope"): "micro_batch"}
+    return scope if mode is None else {("train", "loss"): mode, **scope}
 
 
 def _batch(raw: Mapping[str, Any], notes: list[str]) -> Updates:

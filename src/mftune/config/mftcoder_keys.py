@@ -142,7 +142,8 @@ MFTCODER_KEYS: dict[str, Key] = {
         "train.loss",
         "case1 (token), case2 (sample), case3 (task), case4 (task_sample), coba, selfpaced; normalised "
         "per micro-batch and device",
-        "the strategies are normalised over the whole step (DESIGN.md §3); selfpaced is not offered",
+        "the same, with train.loss_scope: micro_batch (mftune's own default normalises over the whole "
+        "step, DESIGN.md §3); selfpaced is not offered",
     ),
     "per_device_train_batch_size": Key("train.micro_batch_size", "rows per forward pass per device"),
     "gradient_accumulation_steps": Key(

@@ -257,6 +257,10 @@ class TrainConfig(_Section):
         "task",
         description="How a step's loss weighs tokens: token (each token equally), sample (each sample), task (each task present, by loss_weight), task_sample, or coba (task weights from convergence balancing). MFTCoder's case1-case4 are aliases of the first four.",
     )
+    loss_scope: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="Where train.loss normalises: step (over the whole optimizer step, every micro-batch and process: the strategy means the same at any batch split) or micro_batch (within each micro-batch on each process, the step taking their mean: MFTCoder's loss_func_mft).",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     min_lr: float = Field(
         0.0,

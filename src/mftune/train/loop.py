@@ -95,7 +95,7 @@ def _train(cfg: Config, accelerator) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     balancer = TaskBalancer(cfg, data, pad_id)
     balancer.load_state_dict(state.extra)
-    spec = LossSpec(cfg.train.loss, balancer.weights)
+    spec = LossSpec(cfg.train.loss, balancer.weights, scope=cfg.train.loss_scope)
     stop = StopSignal()
     steps = iterate_steps(data, plan, DataPosition(state.epoch, state.step_in_epoch))
     validate = functools.partial(

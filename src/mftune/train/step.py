@@ -27,11 +27,13 @@ from mftune.train.distributed import backend_loss_scale, micro_batch_context
 
 @dataclass
 class LossSpec:
-    """How token losses become a step loss: the strategy, per-task weights (K,), the CE chunk size."""
+    """How token losses become a step loss: the strategy, per-task weights (K,), the CE chunk size, and
+    where the strategy normalises (`step`, or `micro_batch` as MFTCoder does)."""
 
     strategy: str
     task_weights: torch.Tensor
     chunk_size: int = 2048
+    scope: str = "step"
 
 
 @dataclass
@@ -58,15 +60,17 @@ def token_losses(model: torch.nn.Module, batch: dict, chunk_size: int) -> TokenL
 
 
 def weighted_loss(
-    model, batch: dict, counts: StepCounts, spec: LossSpec, router_share: float = 1.0
+    model, batch: dict, counts: StepCounts, spec: LossSpec, router_share: float = 1.0, share: float = 1.0
 ) -> tuple[torch.Tensor, dict]:
     """This micro-batch's share of the step loss, and its per-task sums for logging.
 
-    A mixture-of-experts model's router loss is a mean per micro-batch: each micro-batch adds
-    `router_share` (1 / micro-batches of the step over all ranks) of it, so the step adds their mean.
+    `counts` are the step's (loss_scope step) or this micro-batch's own (micro_batch, with `share` its
+    weight in the step's mean). A mixture-of-experts model's router loss is a mean per micro-batch:
+    each micro-batch adds `router_share` (1 / micro-batches of the step over all ranks) of it, so the
+    step adds their mean.
     """
     out = token_losses(model, batch, spec.chunk_size)
-    coefficients = token_coefficients(
+    coefficients = share * token_coefficients(
         out.targets, counts, spec.strategy, spec.task_weights.to(out.loss.device)
     )
     sums = per_task_sums(out.loss.detach(), out.correct, out.targets, len(spec.task_weights))
@@ -105,6 +109,13 @@ def train_step(
     """
     num_tasks = len(spec.task_weights)
     counts = reduce_counts(count_step(micro_batches, num_tasks), lambda t: accelerator.reduce(t, "sum"))
+    # micro_batch scope (MFTCoder's normalisation): each micro-batch's coefficients come from its own
+    # counts, and the step is the mean over every real micro-batch of every process, as accumulation
+    # dividing by its steps and DDP averaging over devices make it in MFTCoder.
+    per_micro_batch = spec.scope == "micro_batch"
+    if per_micro_batch:
+        real = torch.tensor(float(sum(not b.get("filler") for b in micro_batches)), device=accelerator.device)
+        micro_batch_share = 1.0 / max(1.0, float(accelerator.reduce(real, "sum")))
     scale = backend_loss_scale(accelerator)
     # Every micro-batch but a filler adds its share of the router loss (a filler appears only on an
     # epoch's last step, which then weighs the router loss slightly less).
@@ -119,7 +130,11 @@ def train_step(
         batch = to_device(batch, accelerator.device)
         share = 0.0 if batch.get("filler") else router_share
         with micro_batch_context(accelerator, model, sync=i == len(micro_batches) - 1):
-            loss, sums = weighted_loss(model, batch, counts, spec, share)
+            if per_micro_batch:
+                own = count_step([batch], num_tasks)
+                loss, sums = weighted_loss(model, batch, own, spec, share, micro_batch_share)
+            else:
+                loss, sums = weighted_loss(model, batch, counts, spec, share)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
         for key, value in sums.items():
