@@ -1,154 +1,194 @@
-"""The multi-task quality benchmark's report (benchmarks/multitask_quality.py): per-task exact match and
-loss of every setup, CoBa's time overhead, the goal checked as stated, and the mean over seeds."""
+"""The multi-task quality study's report (benchmarks/multitask_quality.py): tables of scores with
+intervals, paired differences, CoBa's time, the goal read as stated, and one PNG of curves per setup."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from pathlib import Path
 
-TASKS = ("arithmetic", "list_ops", "write_function", "write_test")
-STATIC = ("token", "sample", "task", "task_sample")
-SETUPS = (*STATIC, "coba", "coba-defaults")
+from multitask_data import TASKS
+
+ORDER = ("zero-shot", "single-epochs", "single-steps", "token", "mftcoder-task", "sample", "task",
+         "task_sample", "coba", "coba-defaults")  # fmt: skip
 OVERHEAD_GOAL = 0.05
 
 
-@dataclass
-class Row:
-    """One line of the table: a setup's per-task results and its training time."""
-
-    name: str
-    per_task: dict[str, dict]
-    seconds: float
-
-    @property
-    def complete(self) -> bool:
-        return set(self.per_task) == set(TASKS)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.per_task[t]["exact"] for t in TASKS) / len(TASKS)
-
-    @property
-    def worst(self) -> tuple[float, str]:
-        task = min(TASKS, key=lambda t: self.per_task[t]["exact"])
-        return self.per_task[task]["exact"], task
+def _cell(entry: dict) -> str:
+    return f"{entry['value']:.1%} [{entry['low']:.1%}, {entry['high']:.1%}]"
 
 
-def table_rows(results: list[dict]) -> list[Row]:
-    """One row per setup; the single-task runs fold into one row (its time: all of them together)."""
-    rows = []
-    single = {r["tasks"][0]: r for r in results if r["name"].startswith("single-")}
-    if single:
-        per_task = {t: r["per_task"][t] for t, r in single.items()}
-        rows.append(Row("single-task", per_task, sum(r["train_seconds"] for r in single.values())))
-    rows += [Row(r["name"], r["per_task"], r["train_seconds"]) for r in results if r["name"] in SETUPS]
-    return rows
+def _diff(entry: dict) -> str:
+    return f"{entry['value'] * 100:+.1f} [{entry['low'] * 100:+.1f}, {entry['high'] * 100:+.1f}] ({entry['wins']})"
 
 
-def table(rows: list[Row]) -> str:
-    head = ["setup", *(f"{t} EM / loss" for t in TASKS), "mean EM", "worst EM", "mean loss", "train s"]
+def score_table(summary: dict) -> str:
+    setups = [s for s in ORDER if s in summary["setups"]]
+    head = ["setup", *TASKS, "mean task", "worst task"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row.name]
-        for t in TASKS:
-            v = row.per_task.get(t)
-            cells.append(f"{v['exact']:.1%} / {v['valid_loss']:.3f}" if v else "-")
-        if row.complete:
-            worst, task = row.worst
-            loss = sum(row.per_task[t]["valid_loss"] for t in TASKS) / len(TASKS)
-            cells += [f"{row.mean:.1%}", f"{worst:.1%} ({task})", f"{loss:.3f}"]
-        else:
-            cells += ["-", "-", "-"]
-        cells.append(f"{row.seconds:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+    for s in setups:
+        row = summary["setups"][s]
+        lines.append("| " + " | ".join([s, *(_cell(row[k]) for k in (*TASKS, "mean", "worst"))]) + " |")
     return "\n".join(lines)
 
 
-def overhead_lines(results: list[dict]) -> list[str]:
-    """CoBa's time against `task`: wall time of the whole run, and the time measured inside CoBa."""
-    by_name = {r["name"]: r for r in results}
-    task = by_name.get("task")
+def difference_table(summary: dict, baseline: str) -> str:
+    rows = summary["differences"].get(baseline, {})
+    head = ["setup − " + baseline, "mean task", "worst task", *TASKS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in ORDER:
+        if s in rows and s != "zero-shot":
+            lines.append(
+                "| " + " | ".join([s, *(_diff(rows[s][k]) for k in ("mean", "worst", *TASKS))]) + " |"
+            )
+    return "\n".join(lines)
+
+
+def loss_table(results: dict) -> str:
+    """Mean final validation loss per setup and task, and training seconds per seed (a single-task row:
+    its runs together)."""
+    losses: dict = {}
+    seconds: dict = {}
+    for seed_result in results["by_seed"].values():
+        for run in seed_result["runs"]:
+            for t, v in run["valid_loss"].items():
+                losses.setdefault(run["setup"], {}).setdefault(t, []).append(v)
+            seconds[run["setup"]] = seconds.get(run["setup"], 0.0) + run["train_seconds"]
+    head = ["setup", *TASKS, "train s per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = len(results["by_seed"])
+    for s in ORDER:
+        if s in losses:
+            cells = [f"{statistics.mean(losses[s][t]):.3f}" if t in losses[s] else "-" for t in TASKS]
+            lines.append("| " + " | ".join([s, *cells, f"{seconds[s] / seeds:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def coba_lines(results: dict) -> list[str]:
+    """CoBa's time: measured inside CoBa per run, and the interleaved A/B of wall times."""
     lines = []
-    static = [by_name[s]["train_seconds"] for s in STATIC if s in by_name]
-    if len(static) > 1:
-        spread = (max(static) - min(static)) / min(static)
+    for setup in ("coba", "coba-defaults"):
+        shares = [
+            r["balancer_seconds"] / max(1e-9, r["train_seconds"] - r["balancer_seconds"])
+            for s in results["by_seed"].values()
+            for r in s["runs"]
+            if r["setup"] == setup
+        ]
+        if shares:
+            lines.append(
+                f"- `{setup}`: time inside CoBa, share of the rest of training: "
+                + " / ".join(f"{x:.1%}" for x in shares)
+                + f" (mean {statistics.mean(shares):.1%})"
+            )
+    ab = results.get("ab") or []
+    a = [r["train_seconds"] for r in ab if r["setup"] == "task"]
+    b = [r["train_seconds"] for r in ab if r["setup"] == "coba-defaults"]
+    if a and b:
+        ratio = statistics.mean(b) / statistics.mean(a) - 1
+        spread = (statistics.stdev(a) / statistics.mean(a)) if len(a) > 1 else float("nan")
         lines.append(
-            f"static strategies (same work per step): train time {min(static):.1f}-{max(static):.1f} s, "
-            f"a spread of {spread:.1%}: the timing noise of this machine"
+            f"- interleaved A/B ({''.join(results['spec']['ab_order'])}, {results['spec']['ab_steps']} steps each, "
+            f"one run at a time): `task` {', '.join(f'{x:.1f}' for x in a)} s; `coba-defaults` "
+            f"{', '.join(f'{x:.1f}' for x in b)} s; mean {ratio:+.1%} "
+            f"(run-to-run spread of `task`: {spread:.1%})"
         )
-    for name in ("coba", "coba-defaults"):
-        coba = by_name.get(name)
-        if coba is None:
-            continue
-        settings = ", ".join(f"{k} {v}" for k, v in coba["coba"].items()) or "defaults"
-        inside = coba["balancer_seconds"] / (coba["train_seconds"] - coba["balancer_seconds"])
-        line = f"{name} ({settings}): time inside CoBa (probes and weight updates) {coba['balancer_seconds']:.1f} s = {inside:.1%} of the rest of the run"
-        if task is not None:
-            wall = (coba["train_seconds"] - task["train_seconds"]) / task["train_seconds"]
-            line += f"; wall time vs task {wall:+.1%} ({coba['train_seconds']:.1f} s vs {task['train_seconds']:.1f} s)"
-        lines.append(line)
-        if coba["coba_weights"]:
-            final = ", ".join(f"{t} {w[-1]:.2f}" for t, w in coba["coba_weights"].items())
-            mean = ", ".join(f"{t} {sum(w) / len(w):.2f}" for t, w in coba["coba_weights"].items())
-            lines.append(f"{name} task weights: final {final}; mean over the run {mean}")
     return lines
 
 
-def goal_lines(rows: list[Row], results: list[dict]) -> list[str]:
-    """The issue's goal, checked as stated: worst task vs every static strategy, mean vs task, overhead."""
-    by_name = {r.name: r for r in rows if r.complete}
-    static = [by_name[s] for s in STATIC if s in by_name]
-    task = by_name.get("task")
-    runs = {r["name"]: r for r in results}
+def goal_lines(summary: dict) -> list[str]:
+    """The goal, read as stated: task or coba ≥ token and mftcoder-task on the worst and the mean task."""
     lines = []
-    for name in ("coba", "coba-defaults"):
-        coba = by_name.get(name)
-        if coba is None or not static or task is None:
-            continue
-        best_static = max(static, key=lambda r: r.worst[0])
-        worst_ok = coba.worst[0] >= best_static.worst[0]
-        mean_ok = coba.mean >= task.mean
-        r = runs[name]
-        inside = r["balancer_seconds"] / (r["train_seconds"] - r["balancer_seconds"])
-        lines.append(
-            f"{name}: worst task {coba.worst[0]:.1%} vs best static worst {best_static.worst[0]:.1%} "
-            f"({best_static.name}) {'MET' if worst_ok else 'NOT MET'}; mean {coba.mean:.1%} vs task "
-            f"{task.mean:.1%} {'MET' if mean_ok else 'NOT MET'}; measured overhead {inside:.1%} "
-            f"{'under' if inside < OVERHEAD_GOAL else 'NOT under'} {OVERHEAD_GOAL:.0%}"
-        )
+    for baseline in ("token", "mftcoder-task"):
+        for setup in ("task", "coba", "coba-defaults"):
+            d = summary["differences"].get(baseline, {}).get(setup)
+            if d is None:
+                continue
+            for key in ("worst", "mean"):
+                e = d[key]
+                verdict = (
+                    "above, interval excludes 0" if e["low"] > 0 else
+                    "below, interval excludes 0" if e["high"] < 0 else "not separated"
+                )  # fmt: skip
+                lines.append(f"- {setup} − {baseline}, {key} task: {_diff(e)}: {verdict}")
     return lines
 
 
-def seed_report(seed: int, results: list[dict]) -> list[str]:
-    rows = table_rows(results)
-    return [f"### seed {seed}", "", table(rows), "", *overhead_lines(results), *goal_lines(rows, results), ""]
+def plot_setup(results: dict, setup: str, path: Path) -> Path | None:
+    """Curves of one setup, mean over seeds: validation loss, CoBa weights and eval scores per task."""
+    try:
+        import matplotlib
 
-
-def mean_table(by_seed: dict[int, list[dict]]) -> list[str]:
-    """Each setup's per-task exact match averaged over the seeds (with the range), and the goal per seed."""
-    tables = {seed: {row.name: row for row in table_rows(results)} for seed, results in by_seed.items()}
-    names = [name for name in next(iter(tables.values())) if all(name in t for t in tables.values())]
-    head = ["setup", *(f"{t} EM" for t in TASKS), "mean EM", "worst EM", "mean loss"]
-    lines = [
-        f"### mean over seeds {', '.join(map(str, by_seed))} (min-max over seeds)",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for name in names:
-        rows = [t[name] for t in tables.values()]
-        cells = [name]
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = [r for s in results["by_seed"].values() for r in s["runs"] if r["setup"] == setup]
+    if not runs:
+        return None
+    panels = [("valid_loss", "validation loss"), ("weight", "CoBa weight"), ("score", "eval score (subset)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for task in TASKS:
-            ems = [r.per_task[task]["exact"] for r in rows if task in r.per_task]
-            cells.append(f"{sum(ems) / len(ems):.1%} ({min(ems):.0%}-{max(ems):.0%})" if ems else "-")
-        if all(r.complete for r in rows):
-            means, worsts = [r.mean for r in rows], [r.worst[0] for r in rows]
-            loss = [sum(r.per_task[t]["valid_loss"] for t in TASKS) / len(TASKS) for r in rows]
-            cells += [
-                f"{sum(means) / len(means):.1%} ({min(means):.0%}-{max(means):.0%})",
-                f"{sum(worsts) / len(worsts):.1%} ({min(worsts):.0%}-{max(worsts):.0%})",
-                f"{sum(loss) / len(loss):.3f}",
-            ]
-        else:
-            cells += ["-", "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+            series = [r["curves"][key].get(task) for r in runs if r["curves"][key].get(task)]
+            if not series:
+                continue
+            steps = [p[0] for p in series[0]]
+            length = min(len(s) for s in series)
+            mean = [statistics.mean(s[i][1] for s in series) for i in range(length)]
+            ax.plot(steps[:length], mean, marker="o", markersize=3, label=task)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.get_lines():
+            ax.legend(fontsize="small")
+    fig.suptitle(f"{setup} (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, workdir: Path) -> str:
+    """The markdown report (also written to `workdir/results.md`), with the plots under `workdir/plots/`."""
+    summary = results["summary"]
+    spec = results["spec"]
+    n = {t: len(next(iter(results["outcomes"]["zero-shot"].values()))[t]) for t in TASKS}
+    text = [
+        f"command: {results['command']}",
+        f"machine: {results['machine']}",
+        f"size {results['size']}: seeds {results['seeds']}; {spec['steps']} steps of {spec['batch']} packed rows "
+        f"of 256 tokens ({spec['accumulation']} micro-batches), lr {spec['learning_rate']:g} cosine to a tenth; "
+        f"held-out problems per task: {', '.join(f'{t} {k}' for t, k in n.items())}; "
+        f"{summary['draws']} bootstrap draws",
+        f"pre-training: {results['pretrain']['minutes']:.1f} min "
+        f"({'built' if results['pretrain']['built_now'] else 'cached'}); whole study {results['minutes']:.1f} min",
+        "",
+        "### Scores (mean over seeds, 95% bootstrap interval over seeds and problems)",
+        "",
+        score_table(summary),
+        "",
+        "### Paired differences against token (points; wins: seeds where the setup is above)",
+        "",
+        difference_table(summary, "token"),
+        "",
+        "### Paired differences against mftcoder-task",
+        "",
+        difference_table(summary, "mftcoder-task"),
+        "",
+        "### Final validation loss (mean over seeds) and training time",
+        "",
+        loss_table(results),
+        "",
+        "### CoBa's time",
+        "",
+        *coba_lines(results),
+        "",
+        "### The goal, as stated",
+        "",
+        *goal_lines(summary),
+    ]
+    plots = workdir / "plots"
+    plots.mkdir(exist_ok=True)
+    for setup in ORDER:
+        plot_setup(results, setup, plots / f"{setup}.png")
+    out = "\n".join(text)
+    (workdir / "results.md").write_text(out + "\n")
+    return out

@@ -1,5 +1,9 @@
-"""One run of the multi-task quality benchmark, in its own process: train it (timing CoBa's share), then
-score every task's held-out problems by greedy exact match (benchmarks/multitask_quality.py)."""
+"""One run of the multi-task quality study, in its own process: train it (timing CoBa's share), then score
+every task it trained on through `mftune eval` (benchmarks/multitask_quality.py).
+
+Scores are per held-out problem: 1 or 0 for an exact match (the bundled tasks) or a passing program
+(`write_code`, pass@1 of the greedy answer in `mftune eval`'s sandbox), read back from `samples.jsonl`.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,30 @@ from pathlib import Path
 
 import torch
 
+CODE_TASKS = ("write_code",)
+MAX_NEW_TOKENS = {"write_code": 128}  # multi-line functions; the others answer in a line
+
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: its name, the tasks it trains on, its loss strategy and CoBa settings."""
+    """One training run.
+
+    Attributes:
+        name: Unique within a seed, e.g. `task` or `single-epochs-list_ops`.
+        setup: The report row it belongs to (`single-epochs` holds one run per task).
+        tasks: The tasks it trains on (and is scored on).
+        strategy: `train.loss`.
+        steps: Optimizer steps.
+        scope: `train.loss_scope`.
+        coba: `coba` settings, for CoBa runs.
+    """
 
     name: str
+    setup: str
     tasks: tuple[str, ...]
     strategy: str
+    steps: int
+    scope: str = "step"
     coba: dict | None = None
 
 
@@ -43,12 +63,59 @@ class BalancerClock:
         TaskBalancer.after_step = timed
 
 
-def train_run(config: Path) -> tuple[Path, float, float]:
-    """Train in this process.
+def eval_section(
+    data_root: Path, tasks: tuple[str, ...], max_new_tokens: int, limit: int | None = None
+) -> dict:
+    """The `eval` config section that scores `tasks` on their held-out sets."""
+    return {
+        "loss": False,
+        "batch_size": 32,
+        "max_new_tokens": max_new_tokens,
+        "sandbox": {"workers": 1, "timeout": 10},
+        "tasks": {
+            t: {
+                "path": str(data_root / "heldout" / f"{t}.jsonl"),
+                "max_new_tokens": max(max_new_tokens, MAX_NEW_TOKENS.get(t, 0)),
+                **({"limit": limit} if limit else {}),
+            }
+            for t in tasks
+        },
+    }
 
-    Returns:
-        `(final_dir, wall_seconds, balancer_seconds)`.
-    """
+
+def score(model_dir: Path, data_root: Path, tasks: tuple[str, ...], max_new_tokens: int, out: Path) -> dict:
+    """Per task: the 0/1 outcome of every held-out problem, in file order, through `mftune eval`."""
+    from mftune.config.eval_schema import EvalConfig
+    from mftune.eval.run import run_eval
+    from mftune.eval.target import resolve_target
+
+    cfg = EvalConfig.model_validate(eval_section(data_root, tasks, max_new_tokens))
+    run_eval(resolve_target(model_dir), cfg, None, out)
+    outcomes: dict[str, list[float]] = {t: [] for t in tasks}
+    for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        outcomes[row["task"]].append(float(row["outcome"] in ("match", "passed")))
+    return outcomes
+
+
+def timed_train(config: Path, threads: int | None) -> dict:
+    """Train only (the A/B timing runs): training seconds from metrics.jsonl, and CoBa's share of them."""
+    from mftune.train.tracking import read_metrics
+
+    if threads:
+        torch.set_num_threads(threads)
+    final, wall, balancer = train_run(config)
+    seconds = sum(r.get("train/seconds", 0.0) for r in read_metrics(final.parent))
+    return {
+        "config": config.name,
+        "train_seconds": seconds,
+        "wall_seconds": wall,
+        "balancer_seconds": balancer,
+    }
+
+
+def train_run(config: Path) -> tuple[Path, float, float]:
+    """Train in this process. Returns `(final_dir, wall_seconds, balancer_seconds)`."""
     from mftune.config import load_config
     from mftune.train.loop import train
 
@@ -63,31 +130,28 @@ def train_run(config: Path) -> tuple[Path, float, float]:
     return final, time.perf_counter() - start, clock.seconds
 
 
-def exact_match(final: Path, data_root: Path, tasks: tuple[str, ...], max_new_tokens: int) -> dict:
-    """Per task: greedy exact match on its held-out set, and a few wrong answers to look at."""
-    from mftune.infer.generate import generate_batch
-    from mftune.infer.load import load_for_inference
+def curves(run_dir: Path, tasks: tuple[str, ...]) -> dict:
+    """Per-task curves from metrics.jsonl: validation loss, CoBa weights, in-training eval scores."""
+    from mftune.train.tracking import read_metrics
 
-    model, tokenizer = load_for_inference(final)
-    results = {}
-    for task in tasks:
-        lines = (data_root / "heldout" / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line]
-        replies = generate_batch(
-            model, tokenizer, [r["messages"] for r in records], max_new_tokens=max_new_tokens, batch_size=32
-        )
-        hits = [reply.strip() == r["answer"].strip() for reply, r in zip(replies, records, strict=True)]
-        misses = [
-            {"prompt": r["messages"][-1]["content"], "expected": r["answer"], "got": reply}
-            for reply, r, hit in zip(replies, records, hits, strict=True)
-            if not hit
-        ]
-        results[task] = {"exact": sum(hits) / len(hits), "n": len(hits), "misses": misses[:3]}
-    return results
+    rows = read_metrics(run_dir)
+
+    def series(key: str) -> list[list[float]]:
+        return [[r["step"], r[key]] for r in rows if key in r]
+
+    out: dict = {"valid_loss": {}, "weight": {}, "score": {}}
+    for t in tasks:
+        out["valid_loss"][t] = series(f"valid/{t}/loss")
+        out["weight"][t] = series(f"coba/{t}/weight")
+        metric = "pass@1" if t in CODE_TASKS else "exact_match"
+        out["score"][t] = series(f"eval/{t}/{metric}")
+    return out
 
 
 def measure(run: Run, config: Path, data_root: Path, threads: int | None, max_new_tokens: int) -> dict:
     """Train one run, then score it: the run's whole result (called in a fresh process)."""
+    from mftune.train.tracking import read_metrics
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
@@ -95,34 +159,25 @@ def measure(run: Run, config: Path, data_root: Path, threads: int | None, max_ne
     started = time.time()
     final, wall, balancer = train_run(config)
     start = time.perf_counter()
-    em = exact_match(final, data_root, run.tasks, max_new_tokens)
-    generation = time.perf_counter() - start
-    from mftune.train.tracking import read_metrics
-
+    outcomes = score(final, data_root, run.tasks, max_new_tokens, final.parent / "heldout-eval")
+    scoring = time.perf_counter() - start
     rows = read_metrics(final.parent)
     last_eval = [r for r in rows if "valid/loss" in r][-1]
-    speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]
-    weights = {t: [r[f"coba/{t}/weight"] for r in rows if f"coba/{t}/weight" in r] for t in run.tasks}
     return {
         "name": run.name,
+        "setup": run.setup,
         "strategy": run.strategy,
+        "scope": run.scope,
         "tasks": list(run.tasks),
         "coba": run.coba,
         "steps": last_eval["step"],
-        "train_seconds": wall,
+        "wall_seconds": wall,
+        "train_seconds": sum(r.get("train/seconds", 0.0) for r in rows),  # training only: no evaluation
         "balancer_seconds": balancer,
-        "generation_seconds": generation,
+        "scoring_seconds": scoring,
         "started": started,
         "ended": time.time(),
-        "tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
-        "per_task": {
-            t: {
-                "exact": em[t]["exact"],
-                "n": em[t]["n"],
-                "valid_loss": last_eval[f"valid/{t}/loss"],
-                "misses": em[t]["misses"],
-            }
-            for t in run.tasks
-        },
-        "coba_weights": {t: w for t, w in weights.items() if w} or None,
+        "valid_loss": {t: last_eval[f"valid/{t}/loss"] for t in run.tasks},
+        "outcomes": outcomes,
+        "curves": curves(final.parent, run.tasks),
     }
