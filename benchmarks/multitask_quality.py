@@ -302,6 +302,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, help="runs at once (default: 1 on a GPU, else one per core)")
     parser.add_argument("--threads", type=int, help="torch threads per run on a CPU (default: cores / jobs)")
     parser.add_argument("--no-ab", action="store_true", help="skip the interleaved A/B timing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="recompute the statistics and the report from WORKDIR/results.json",
+    )
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     args.size_spec = replace(size, seeds=tuple(args.seeds or size.seeds))
@@ -320,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="mftune-multitask-"))).absolute()
+    if args.report_only:
+        results = json.loads((workdir / "results.json").read_text())
+        results["summary"] = summarise(
+            results["outcomes"], TASKS, BASELINES, draws=results["spec"]["bootstrap"]
+        )
+        (workdir / "results.json").write_text(json.dumps(results, indent=1))
+        print(write_report(results, workdir))
+        return 0
     command = shlex.join(
         ["python", *(sys.argv if argv is None else ["benchmarks/multitask_quality.py", *argv])]
     )

@@ -27,7 +27,8 @@ def score_table(summary: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in setups:
         row = summary["setups"][s]
-        lines.append("| " + " | ".join([s, *(_cell(row[k]) for k in (*TASKS, "mean", "worst"))]) + " |")
+        worst = f"{_cell(row['worst'])} ({row['worst_task']})"
+        lines.append("| " + " | ".join([s, *(_cell(row[k]) for k in (*TASKS, "mean")), worst]) + " |")
     return "\n".join(lines)
 
 

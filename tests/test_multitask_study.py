@@ -94,7 +94,8 @@ def test_point_estimates_are_means_over_seeds_of_per_seed_scores() -> None:
     for setup, by_seed in outcomes.items():
         per_seed = [[sum(by_seed[k][t]) / len(by_seed[k][t]) for t in TASKS] for k in by_seed]
         assert points[setup]["mean"] == pytest.approx(sum(sum(r) / len(r) for r in per_seed) / len(per_seed))
-        assert points[setup]["worst"] == pytest.approx(sum(min(r) for r in per_seed) / len(per_seed))
+        worst = min(TASKS, key=lambda t: points[setup][t])
+        assert (points[setup]["worst_task"], points[setup]["worst"]) == (worst, points[setup][worst])
         for i, t in enumerate(TASKS):
             assert points[setup][t] == pytest.approx(sum(r[i] for r in per_seed) / len(per_seed))
 
@@ -104,14 +105,16 @@ def test_intervals_cover_the_estimate_and_paired_differences_of_equal_setups_are
     outcomes["copy"] = outcomes["token"]
     summary = summarise(outcomes, TASKS, ("token",), draws=300)
     for setup, row in summary["setups"].items():
-        for entry in row.values():
-            assert 0 <= entry["low"] <= entry["value"] <= entry["high"] <= 1, (setup, entry)
+        for key, entry in row.items():
+            if key != "worst_task":
+                assert 0 <= entry["low"] <= entry["value"] <= entry["high"] <= 1, (setup, key, entry)
+        assert row["worst"] == row[row["worst_task"]]
     same = summary["differences"]["token"]["copy"]
     assert all(e["value"] == e["low"] == e["high"] == 0 for e in same.values())
     better = summary["differences"]["token"]["task"]["mean"]
     assert better["low"] > 0 and better["wins"] == "3/3"  # 0.6 against 0.3 on 200 problems per seed
     constant = {"a": {0: {t: [1.0] * 5 for t in TASKS}}}
-    assert summarise(constant, TASKS, (), draws=50)["setups"]["a"]["worst"] == {
+    assert summarise(constant, TASKS, (), draws=50)["setups"]["a"]["mean"] == {
         "value": 1.0,
         "low": 1.0,
         "high": 1.0,
