@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -215,7 +216,8 @@ def run_seed(seed: int, workdir: Path, base: Path, args) -> dict:
     sizes = write_tasks(data_root, seed, size.scale, size.heldout)
     runs = plan_runs(size, sizes, args.setups)
     configs = {r.name: write_config(r, workdir, data_root, base, seed, size) for r in runs}
-    settings = {"size": asdict(size), "seed": seed, "base": str(base)}
+    # As JSON reads it back (tuples become lists), so that saved settings compare equal.
+    settings = json.loads(json.dumps({"size": asdict(size), "seed": seed, "base": str(base)}))
     saved_path = workdir / "results.json"
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
     results = {r["name"]: r for r in saved.get("runs", [])} if saved.get("settings") == settings else {}
@@ -223,6 +225,8 @@ def run_seed(seed: int, workdir: Path, base: Path, args) -> dict:
     todo = [r for r in runs if r.name not in results]
     if results:
         print(f"seed {seed}: reusing {len(results)} run(s) from {saved_path}", flush=True)
+    for run in todo:  # a run interrupted before it was recorded starts again from nothing
+        shutil.rmtree(workdir / "runs" / run.name, ignore_errors=True)
     _build_cache([configs[r.name] for r in todo])
 
     def save() -> None:
@@ -240,6 +244,8 @@ def run_seed(seed: int, workdir: Path, base: Path, args) -> dict:
                 pool.submit(measure, run, configs[run.name], data_root, args.threads, size.max_new_tokens)
             ] = run
         for future in as_completed(futures):
+            if future.exception() is not None:  # stop at once: the queued runs would only be lost
+                pool.shutdown(wait=False, cancel_futures=True)
             if futures[future] is None:
                 zero = future.result()
                 print(f"seed {seed} zero-shot: {_brief(zero)}", flush=True)

@@ -154,3 +154,17 @@ def test_smoke_study_writes_a_report_whose_arithmetic_holds(tmp_path: Path) -> N
         assert heading in report
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"task.png", "coba.png", "token.png"}
     assert len(results["ab"]) == len(results["spec"]["ab_order"])
+
+    # An interrupted study resumes: recorded runs are reused untouched, an unrecorded one (its folder
+    # left half-written) is trained again from nothing.
+    seed_file = tmp_path / "seed-1" / "results.json"
+    saved = json.loads(seed_file.read_text())
+    dropped = saved["runs"].pop()["name"]
+    seed_file.write_text(json.dumps(saved))
+    kept = tmp_path / "seed-1" / "runs" / saved["runs"][0]["name"] / "metrics.jsonl"
+    stamp = kept.stat().st_mtime_ns
+    assert main(["--size", "smoke", "--workdir", str(tmp_path), "--no-ab"]) == 0
+    again = json.loads(seed_file.read_text())
+    names = sorted(r["name"] for r in again["runs"])
+    assert names == sorted(r["name"] for r in results["by_seed"]["1"]["runs"]) and dropped in names
+    assert kept.stat().st_mtime_ns == stamp
