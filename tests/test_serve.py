@@ -340,7 +340,8 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(run_dir: Path) -> 
 
 
 def test_vllm_command_serves_the_adapter_with_the_runs_template_and_stop(run_dir: Path) -> None:
-    from mftune.serve.vllm_command import needs_merge, vllm_command
+    from mftune.infer.vllm_lora import needs_merge
+    from mftune.serve.vllm_command import vllm_command
 
     final = run_dir / "final"
     launch = vllm_command(final, name="demo", host="127.0.0.1", port=9000, api_key="k", max_concurrency=32)
@@ -360,6 +361,16 @@ def test_vllm_command_serves_the_adapter_with_the_runs_template_and_stop(run_dir
         final, name="demo", host="0.0.0.0", port=1, api_key=None, max_concurrency=1, merged_dir=run_dir
     )
     assert merged.argv[2] == str(run_dir) and "--enable-lora" not in merged.argv and merged.env == {}
+
+
+@pytest.mark.parametrize(("rank", "expected"), [(4, 8), (8, 8), (12, 16), (300, 320), (1024, 1024)])
+def test_the_vllm_lora_rank_is_the_smallest_accepted_one_that_holds_the_adapter(
+    tmp_path: Path, rank: int, expected: int
+) -> None:
+    from mftune.infer.vllm_lora import max_lora_rank, needs_merge
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": rank, "modules_to_save": ["lm_head"]}))
+    assert max_lora_rank(tmp_path) == expected and needs_merge(tmp_path)
 
 
 def test_engine_auto_picks_vllm_only_with_vllm_and_a_gpu(monkeypatch) -> None:

@@ -6,13 +6,14 @@ tokenized them, whichever engine runs.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from mftune.config.errors import MissingPackageError
+from mftune.infer.load import adapter_base, is_adapter_dir
+from mftune.infer.vllm_lora import max_lora_rank, needs_merge
 
 
 @dataclass(frozen=True)
@@ -70,26 +71,23 @@ class VllmEngine:
         self.stop_token_ids = stop_token_ids
         self._tmp: Path | None = None
         self.lora = None
-        adapter = model_dir / "adapter_config.json"
-        if adapter.is_file():
-            config = json.loads(adapter.read_text(encoding="utf-8"))
-            if config.get("modules_to_save"):
-                from mftune.export.merge import merge_adapter
+        if needs_merge(model_dir):
+            from mftune.export.merge import merge_adapter
 
-                self._tmp = Path(tempfile.mkdtemp(prefix="mftune-vllm-"))
-                model_dir = merge_adapter(model_dir, self._tmp / "merged")
-            else:
-                from vllm.lora.request import LoRARequest
+            self._tmp = Path(tempfile.mkdtemp(prefix="mftune-vllm-"))
+            model_dir = merge_adapter(model_dir, self._tmp / "merged")
+        if is_adapter_dir(model_dir):
+            from vllm.lora.request import LoRARequest
 
-                self.lora = LoRARequest("mftune-adapter", 1, str(model_dir))
-                self.llm = vllm.LLM(
-                    model=config["base_model_name_or_path"],
-                    tokenizer=str(model_dir),
-                    enable_lora=True,
-                    max_lora_rank=max(int(config.get("r", 16)), 8),
-                )
-                return
-        self.llm = vllm.LLM(model=str(model_dir))
+            self.lora = LoRARequest("mftune-adapter", 1, str(model_dir))
+            self.llm = vllm.LLM(
+                model=adapter_base(model_dir),
+                tokenizer=str(model_dir),
+                enable_lora=True,
+                max_lora_rank=max_lora_rank(model_dir),
+            )
+        else:
+            self.llm = vllm.LLM(model=str(model_dir))
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[str]]:
         params = self._vllm.SamplingParams(

@@ -30,14 +30,18 @@ def is_adapter_dir(model_dir: Path) -> bool:
     return (model_dir / ADAPTER_CONFIG).is_file()
 
 
+def adapter_config(model_dir: Path) -> dict:
+    """An adapter folder's `adapter_config.json`, as a dict."""
+    return json.loads((model_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+
+
 def adapter_base(model_dir: Path) -> str:
     """The base model an adapter folder was trained on (its `base_model_name_or_path`).
 
     Raises:
         ValueError: The adapter config names no base.
     """
-    config = json.loads((model_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path")
+    base = adapter_config(model_dir).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{model_dir / ADAPTER_CONFIG} names no base model; pass the base explicitly")
     return base

@@ -136,7 +136,8 @@ def _run_config(target):
 
 def _exec_vllm(target, name: str, args, api_key: str | None) -> int:
     from mftune.eval.target import TargetError
-    from mftune.serve.vllm_command import needs_merge, vllm_command
+    from mftune.infer.vllm_lora import needs_merge
+    from mftune.serve.vllm_command import vllm_command
 
     if target.model_dir is None:
         raise TargetError(

@@ -10,9 +10,11 @@ vLLM's LoRA cannot load, is merged into a folder first. The API key goes through
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from mftune.infer.load import adapter_base, is_adapter_dir
+from mftune.infer.vllm_lora import max_lora_rank
 
 
 @dataclass(frozen=True)
@@ -41,19 +43,16 @@ def vllm_command(
         host, port: Where to listen.
         api_key: Required from clients when set.
         max_concurrency: Sequences vLLM schedules at once (`--max-num-seqs`).
-        merged_dir: Where the adapter was merged, when it had to be (see `needs_merge`).
+        merged_dir: Where the adapter was merged, when it had to be (see `infer.vllm_lora.needs_merge`).
     """
     argv = ["vllm", "serve"]
-    adapter = model_dir / "adapter_config.json"
-    if adapter.is_file() and merged_dir is None:
-        config = json.loads(adapter.read_text(encoding="utf-8"))
-        rank = int(config.get("r", 16))
+    if is_adapter_dir(model_dir) and merged_dir is None:
         argv += [
-            config["base_model_name_or_path"],
+            adapter_base(model_dir),
             "--served-model-name", f"{name}-base",
             "--enable-lora",
             "--lora-modules", f"{name}={model_dir}",
-            "--max-lora-rank", str(_lora_rank_choice(rank)),
+            "--max-lora-rank", str(max_lora_rank(model_dir)),
             "--tokenizer", str(model_dir),
         ]  # fmt: skip
     else:
@@ -66,19 +65,3 @@ def vllm_command(
         argv += ["--generation-config", str(source)]
     argv += ["--host", host, "--port", str(port), "--max-num-seqs", str(max_concurrency)]
     return VllmLaunch(argv, {"VLLM_API_KEY": api_key} if api_key else {})
-
-
-def needs_merge(model_dir: Path) -> bool:
-    """Whether an adapter folder trains whole modules, which vLLM's LoRA cannot load."""
-    adapter = model_dir / "adapter_config.json"
-    if not adapter.is_file():
-        return False
-    return bool(json.loads(adapter.read_text(encoding="utf-8")).get("modules_to_save"))
-
-
-def _lora_rank_choice(rank: int) -> int:
-    # vLLM accepts a fixed set of maximum ranks; the smallest that holds the adapter's.
-    for choice in (8, 16, 32, 64, 128, 256, 320, 512):
-        if rank <= choice:
-            return choice
-    return rank
