@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -54,6 +55,7 @@ def pretrained_base(workdir: Path, spec: PretrainSpec, threads: int | None = Non
     final = folder / "run" / "final"
     if final.is_dir() and _saved_spec(folder) == asdict(spec):
         return final, False
+    shutil.rmtree(folder / "run", ignore_errors=True)  # an interrupted build starts again from nothing
     folder.mkdir(parents=True, exist_ok=True)
     write_corpus(folder / "corpus" / "train.jsonl", spec.corpus_records, spec.seed, spec.heldout)
     model = build_tiny_model(

@@ -43,13 +43,14 @@ class Run:
 
 
 class BalancerClock:
-    """Adds up the time spent in `TaskBalancer.after_step` (CoBa's probes and weight updates)."""
+    """Adds up the time spent in `TaskBalancer.after_step` (CoBa's probes and weight updates) while the
+    `with` block runs; the method is restored afterwards, so clocks never stack in a reused process."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> BalancerClock:
         from mftune.train.task_weights import TaskBalancer
 
         self.seconds = 0.0
-        original = TaskBalancer.after_step
+        self._original = original = TaskBalancer.after_step
 
         def timed(balancer, *a, **kw):
             start = time.perf_counter()
@@ -61,6 +62,12 @@ class BalancerClock:
                 self.seconds += time.perf_counter() - start
 
         TaskBalancer.after_step = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from mftune.train.task_weights import TaskBalancer
+
+        TaskBalancer.after_step = self._original
 
 
 def eval_section(
@@ -120,13 +127,13 @@ def train_run(config: Path) -> tuple[Path, float, float]:
     from mftune.train.loop import train
 
     cfg = load_config(config)
-    clock = BalancerClock()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    final = train(cfg)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    with BalancerClock() as clock:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        final = train(cfg)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     return final, time.perf_counter() - start, clock.seconds
 
 
