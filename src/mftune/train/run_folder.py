@@ -164,7 +164,8 @@ def _alive(owner: dict[str, Any]) -> bool:
     if not isinstance(pid, int):
         return False
     # The same pid with another start time is a new process that reused the number.
-    return _start_time(pid) is not None and _start_time(pid) == owner.get("process_start")
+    started = _start_time(pid)
+    return started is not None and started == owner.get("process_start")
 
 
 def _start_time(pid: int) -> float | None:
