@@ -263,6 +263,7 @@ def _data_validate(args) -> int:
 
 def _data_inspect(args) -> int:
     from mftune.data.inspect import dump_rows, dump_samples, highlight
+    from mftune.data.pipeline import padding_id
 
     _cfg, tokenizer, data = _load_data(args, raise_on_errors=False)
     by_name = {t.name: t for t in data.tasks}
@@ -275,7 +276,7 @@ def _data_inspect(args) -> int:
         print(f"wrote {count} samples to {args.dump}")
         return 0
     if args.dump_rows:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = padding_id(tokenizer)
         count = dump_rows(data, args.dump_rows, args.epoch, pad_id)
         print(f"wrote {count} rows of epoch {args.epoch} (packing {data.packing}) to {args.dump_rows}")
         return 0

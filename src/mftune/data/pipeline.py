@@ -174,6 +174,11 @@ def load_tokenizer(model_cfg):
         ) from err
 
 
+def padding_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (padding is masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def prepare_data(cfg, tokenizer, *, rank: int = 0, raise_on_errors: bool = True) -> MultiTaskData:
     """Tokenize (or load from cache) every task, split it and check it.
 

@@ -96,11 +96,11 @@ def validation_losses(model, tokenizer, run_cfg, device: torch.device) -> dict[s
     evaluation the training loop runs (`mftune.train.evaluate`)."""
     from accelerate import Accelerator
 
-    from mftune.data.pipeline import prepare_data
+    from mftune.data.pipeline import padding_id, prepare_data
     from mftune.train.evaluate import evaluate
 
     data = prepare_data(run_cfg, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     accelerator = Accelerator(cpu=device.type == "cpu")
     metrics = evaluate(accelerator, model, data, pad_id, run_cfg.train.micro_batch_size, 2048)
     return losses_from_metrics(metrics, {t.name: len(t.valid) for t in data.tasks})

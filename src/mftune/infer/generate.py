@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mftune.data.pipeline import padding_id
 from mftune.infer.load import load_for_inference, stop_token_ids
 
 Messages = list[dict[str, str]]
@@ -57,9 +58,7 @@ def generation_kwargs(
     kwargs = {
         "max_new_tokens": max_new_tokens,
         "eos_token_id": stop_token_ids(model, tokenizer),
-        "pad_token_id": tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
+        "pad_token_id": padding_id(tokenizer),
         "do_sample": temperature > 0,
     }
     if temperature > 0:

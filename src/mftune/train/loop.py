@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mftune.config import Config, config_to_dict, dump_config
-from mftune.data.pipeline import MultiTaskData, load_tokenizer, prepare_data
+from mftune.data.pipeline import MultiTaskData, load_tokenizer, padding_id, prepare_data
 from mftune.train import checkpoint as ckpt
 from mftune.train import run_folder
 from mftune.train.batches import BatchPlan, DataPosition, collate_micro_batches, iterate_steps, steps_in_epoch
@@ -92,7 +92,7 @@ def _train(cfg: Config, accelerator) -> Path:
     if accelerator.is_main_process:
         _write_run_files(cfg, out, accelerator, data, plan, total_steps)
     log = RunLog(cfg, out, accelerator, data, total_steps, start_step=state.step, resumed=state.step > 0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     balancer = TaskBalancer(cfg, data, pad_id)
     balancer.load_state_dict(state.extra)
     spec = LossSpec(cfg.train.loss, balancer.weights, scope=cfg.train.loss_scope)
