@@ -180,7 +180,7 @@ def _vllm_engine(target: Target, tokenizer) -> VllmEngine:
     from transformers import GenerationConfig
 
     from mftune.eval.target import TargetError
-    from mftune.infer.load import turn_closing_id
+    from mftune.infer.load import reply_stop_ids
 
     if target.model_dir is None:
         raise TargetError("eval.engine vllm evaluates a run's final/ or a model folder, not a checkpoint")
@@ -188,8 +188,7 @@ def _vllm_engine(target: Target, tokenizer) -> VllmEngine:
         eos = GenerationConfig.from_pretrained(target.model_dir).eos_token_id
     except OSError:
         eos = None
-    stops = [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id, turn_closing_id(tokenizer)]
-    return VllmEngine(target.model_dir, sorted({i for i in stops if i is not None}))
+    return VllmEngine(target.model_dir, reply_stop_ids(eos, tokenizer))
 
 
 def _decoder(tokenizer):

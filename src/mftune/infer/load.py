@@ -100,7 +100,11 @@ def load_for_inference(
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end a reply: the generation config's EOS ids, the tokenizer's EOS, and the
     special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>` ...)."""
-    eos = model.generation_config.eos_token_id
+    return reply_stop_ids(model.generation_config.eos_token_id, tokenizer)
+
+
+def reply_stop_ids(eos: int | list[int] | None, tokenizer) -> list[int]:
+    """`stop_token_ids` from a generation config's `eos_token_id` alone, without a loaded model."""
     ids = list(eos) if isinstance(eos, list) else [eos]
     ids += [tokenizer.eos_token_id, turn_closing_id(tokenizer)]
     return list(dict.fromkeys(i for i in ids if i is not None))
